@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Each bootstraps .venv from nothing but
+# Python, make and a C++ compiler, and reinstalls the package only when its sources changed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+# Everything the compiled build depends on; the install is redone when this hash changes.
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort)
+BUILD_HASH := $(shell cat $(BUILD_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
+
+.PHONY: install demo test bench lint clean
+.DEFAULT_GOAL := test
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	touch $@
+
+install: $(VENV)/.stamp-venv
+	@if [ "$$(cat $(VENV)/.stamp-install 2>/dev/null)" != "$(BUILD_HASH)" ]; then \
+		echo "installing ttfm_kernels (build inputs changed: $(BUILD_HASH))"; \
+		$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]' && echo "$(BUILD_HASH)" > $(VENV)/.stamp-install; \
+	fi
+
+demo: install
+	$(VENV)/bin/ttfm demo
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results.json
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf build ttfm_kernels/*.so $(VENV)/.stamp-install

@@ -1,0 +1,84 @@
+"""Loads the compiled extensions once and reports what is available, and why not.
+
+The extensions are plain shared libraries that register ``torch.ops.ttfm.*`` when loaded (no Python
+bindings): ``_C`` (schemas and portable CPU kernels), ``_C_vec`` (AVX2 CPU kernels, loaded only when the
+CPU supports them) and ``_C_cuda`` (CUDA kernels). A missing or broken library never breaks
+``import ttfm_kernels``: it produces one warning and the reference paths keep working.
+``TTFM_DISABLE_EXT=1`` skips loading on purpose (to test or to compare against the reference).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["EXTENSIONS", "has_kernel", "has_op", "load", "status"]
+
+EXTENSIONS = ("_C", "_C_vec", "_C_cuda")
+_status: dict[str, str | None] | None = None  # extension name -> None if loaded, else the reason
+
+
+def _vec_capable() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    cap = torch.backends.cpu.get_cpu_capability()
+    return None if cap in ("AVX2", "AVX512") else f"this CPU reports {cap}; the vectorized kernels need AVX2"
+
+
+def _load_one(name: str) -> str | None:
+    """Load ``ttfm_kernels.<name>``; return None on success, else why it is unavailable."""
+    here = Path(__file__).parent
+    paths = [here / f"{name}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
+        return "not built (install with a C++ compiler present: pip install --no-build-isolation .)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as err:
+        return f"failed to load {path}: {err}"
+    return None
+
+
+def load() -> dict[str, str | None]:
+    """Load every extension once (later calls return the cached result): name -> None or the reason."""
+    global _status
+    if _status is not None:
+        return _status
+    status: dict[str, str | None] = {}
+    if os.environ.get("TTFM_DISABLE_EXT", "0") == "1":
+        _status = dict.fromkeys(EXTENSIONS, "disabled by TTFM_DISABLE_EXT=1")
+        return _status
+    status["_C"] = _load_one("_C")
+    if status["_C"] is not None:
+        status["_C_vec"] = status["_C_cuda"] = "needs _C, which is unavailable"
+        warnings.warn(f"ttfm_kernels: compiled extension ttfm_kernels._C unavailable: {status['_C']}. "
+                      "Ops fall back to their reference (pure PyTorch) paths.", RuntimeWarning, stacklevel=3)
+    else:
+        status["_C_vec"] = _vec_capable() or _load_one("_C_vec")
+        if torch.version.cuda is None:
+            status["_C_cuda"] = f"torch {torch.__version__} has no CUDA"
+        else:
+            status["_C_cuda"] = _load_one("_C_cuda")
+    _status = status
+    return status
+
+
+def status() -> dict[str, str | None]:
+    """Extension name -> None if loaded, else the reason it is not."""
+    return load()
+
+
+def has_op(name: str) -> bool:
+    """True when ``torch.ops.ttfm.<name>`` exists (its schema was registered by a loaded extension)."""
+    load()
+    return hasattr(torch.ops.ttfm, name)
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """True when ``torch.ops.ttfm.<name>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA", "Meta" ...)."""
+    return has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"ttfm::{name}", dispatch_key)

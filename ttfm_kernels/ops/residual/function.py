@@ -1,0 +1,87 @@
+"""Public entry points of the residual ops: validation, backend dispatch, autograd.
+
+``flow_map_step`` builds X_{s,t}(x) = x + (t - s) u; ``itvm_residual_loss`` is the ITVM loss from its
+residuals (MATH.md section 2). Backends: "reference" (``reference.py``) and "cpu" (``csrc/cpu/residual.cpp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttfm_kernels import _alloc
+from ttfm_kernels._checks import check_float, check_like, check_per_sample
+from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
+from ttfm_kernels.ops.residual.reference import flow_map_step_reference, itvm_residual_loss_reference
+
+__all__ = ["flow_map_step", "itvm_residual_loss"]
+
+_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_FLOW_MAP_STEP = OpBackends("flow_map_step", {
+    "reference": always,
+    "cpu": ext_kernel("flow_map_step", "CPU", _FLOAT),
+}, gpu_order=())
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    """True when a graph must be kept or a forward-AD tangent carried through these tensors."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
+                  out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """The flow-map step X_{s,t}(x) = x + (t - s) * u with per-sample times.
+
+    x, u: (B, ...) of one floating dtype; s, t: (B,) floating (any float dtype, used in x's dtype).
+    Returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
+    ``x + (t - s).view(-1, *[1] * (x.dim() - 1)) * u``. Differentiable in every input (the compiled kernel
+    runs only when no graph or tangent is needed; otherwise the same formula runs as torch ops).
+    """
+    check_float("x", x)
+    check_like("u", u, "x", x)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(x.shape)}")
+    check_per_sample("s", s, x.shape[0], "x", x)
+    check_per_sample("t", t, x.shape[0], "x", x)
+    if out is not None:
+        check_like("out", out, "x", x)
+    name = _FLOW_MAP_STEP.select(backend, x.device, x.dtype)
+    if name == "reference" or _needs_autograd(x, u, s, t):
+        y = flow_map_step_reference(x, u, s, t)
+        return y if out is None else out.copy_(y)
+    result = out if out is not None else _alloc.empty_like(x)
+    torch.ops.ttfm.flow_map_step(x.contiguous(), u.contiguous(), s.contiguous(), t.contiguous(), result)
+    return result
+
+
+def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor, target_a: torch.Tensor,
+                       target_b: torch.Tensor, coef: torch.Tensor, *, weight: torch.Tensor | None = None,
+                       lambda_init: float = 1.0, lambda_term: float = 1.0, reduction: str = "mean",
+                       backend: str = "auto") -> torch.Tensor:
+    """The ITVM loss from its residuals, with target_T = target_a + coef * target_b (MATH.md section 2).
+
+    u_st, u_ss, v_s, target_a, target_b: (B, ...) of one floating dtype; coef, weight: (B,).
+    l_b = lambda_init * mean(|u_ss - v_s|^2) + lambda_term * mean(|u_st - target_T|^2) over non-batch dims,
+    weighted by ``weight``, reduced by ``reduction`` ("mean" -> scalar, "sum" -> scalar, "none" -> (B,)).
+    Accumulates in float32 (float64 for float64 inputs). Gradients flow to u_st and u_ss only: v_s and the
+    targets are stop-gradient by definition, so one that requires grad is an error.
+    """
+    check_float("u_st", u_st)
+    if u_st.dim() == 0 or u_st.shape[0] == 0:
+        raise ValueError(f"u_st must have shape (B, ...) with B >= 1, got {tuple(u_st.shape)}")
+    for name, tensor in (("u_ss", u_ss), ("v_s", v_s), ("target_a", target_a), ("target_b", target_b)):
+        check_like(name, tensor, "u_st", u_st)
+    check_per_sample("coef", coef, u_st.shape[0], "u_st", u_st)
+    if weight is not None:
+        check_per_sample("weight", weight, u_st.shape[0], "u_st", u_st)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for name, tensor in (("v_s", v_s), ("target_a", target_a), ("target_b", target_b), ("coef", coef),
+                         ("weight", weight)):
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(f"{name} requires grad, but it is a stop-gradient target: pass {name}.detach() "
+                             "(gradients flow only to u_st and u_ss)")
+    return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, weight=weight,
+                                        lambda_init=lambda_init, lambda_term=lambda_term, reduction=reduction)

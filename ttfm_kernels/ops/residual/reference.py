@@ -1,0 +1,48 @@
+"""Reference (pure PyTorch) formulas of the residual ops: MATH.md sections 1 and 2. The oracle."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["flow_map_step_reference", "itvm_residual_loss_reference", "per_sample", "reduce_per_sample"]
+
+
+def per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a (B,) tensor as (B, 1, ..., 1) so it broadcasts against ``like`` (B, ...)."""
+    return t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+
+
+def flow_map_step_reference(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """X_{s,t}(x) = x + (t - s) u with per-sample times. x, u: (B, ...); s, t: (B,). Differentiable."""
+    return x + per_sample(t - s, x).to(x.dtype) * u
+
+
+def reduce_per_sample(l_b: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Apply per-sample weights and the reduction of MATH.md section 1 to per-sample losses l_b (B,)."""
+    if weight is not None:
+        l_b = l_b * weight.to(l_b.dtype)
+    if reduction == "mean":
+        return l_b.mean()
+    if reduction == "sum":
+        return l_b.sum()
+    return l_b
+
+
+def itvm_residual_loss_reference(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor,
+                                 target_a: torch.Tensor, target_b: torch.Tensor, coef: torch.Tensor, *,
+                                 weight: torch.Tensor | None = None, lambda_init: float = 1.0,
+                                 lambda_term: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """The ITVM loss from its residuals (MATH.md section 2), accumulated in at least float32.
+
+    r_I = u_ss - v_s, r_T = u_st - (target_a + coef * target_b), l_b = lambda_init * mean(r_I^2) +
+    lambda_term * mean(r_T^2) over the non-batch dims; then weights and ``reduction`` ("mean", "sum", "none").
+    Tensors (B, ...) of one dtype; coef and weight (B,). Differentiable in every input.
+    """
+    acc = torch.promote_types(u_st.dtype, torch.float32)
+    r_i = u_ss.to(acc) - v_s.to(acc)
+    target = target_a.to(acc) + per_sample(coef.to(acc), u_st) * target_b.to(acc)
+    r_t = u_st.to(acc) - target
+    batch = u_st.shape[0]
+    l_b = (lambda_init * r_i.reshape(batch, -1).square().mean(dim=1)
+           + lambda_term * r_t.reshape(batch, -1).square().mean(dim=1))
+    return reduce_per_sample(l_b, weight, reduction)
