@@ -1,0 +1,50 @@
+"""One registry of the GPU launch configurations of every Triton kernel, for the GPU compile gate.
+
+Each ``ttfm_kernels/ops/<op>/triton.py`` registers, at import, the configurations its launcher uses on a
+GPU (block sizes, num_warps, num_stages) for representative dtypes and head/feature sizes. The gate
+(``make check-gpu-compile``) imports every ``ttfm_kernels.ops.*.triton`` module, compiles each
+registered configuration for sm_80 and sm_90 without a GPU, and checks shared memory, registers and spills.
+
+Registering (the ASTSource form, verified with triton 3.7)::
+
+    register(TritonConfig(
+        name="jvp_attention_fwd/fp16/D64/BM128/BN64",
+        kernel=_jvp_attention_fwd_kernel,                 # the @triton.jit function itself
+        signature={"q_ptr": "*fp16", "n_q": "i32", "scale": "fp32", "BLOCK_M": "constexpr", ...},
+        constexprs={"BLOCK_M": 128, ...},                  # every "constexpr" argument, by name
+        num_warps=4, num_stages=2))
+
+``signature`` names EVERY kernel argument in order; ``default=True`` marks a configuration the launcher
+picks by default: it must compile within the shared-memory limit and without register spills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["GPU_CONFIGS", "TritonConfig", "register"]
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """One GPU launch configuration of one Triton kernel."""
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    default: bool = True
+
+
+GPU_CONFIGS: list[TritonConfig] = []
+
+
+def register(config: TritonConfig) -> TritonConfig:
+    """Add ``config`` to the registry (names are unique); returns it."""
+    if any(c.name == config.name for c in GPU_CONFIGS):
+        raise ValueError(f"GPU configuration {config.name!r} registered twice")
+    GPU_CONFIGS.append(config)
+    return config
