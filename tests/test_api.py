@@ -8,8 +8,11 @@ import ttfm_kernels
 PUBLIC = {
     "BackendUnavailableError",
     "__version__",
+    "attention",
     "flow_map_step",
     "itvm_residual_loss",
+    "jvp_attention",
+    "patch_sdpa",
     "use_backend",
 }
 
