@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort)
 BUILD_HASH := $(shell cat $(BUILD_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-compare bench-baseline lint clean
 .DEFAULT_GOAL := test
 
 $(VENV)/.stamp-venv:
@@ -31,8 +31,18 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
 
+BENCH_THRESHOLD ?= 0.25
+
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-json=benchmarks/results.json
+
+# Fails when a median grew by more than BENCH_THRESHOLD against the committed baseline of this CPU.
+bench-compare: bench
+	$(PY) -m benchmarks.compare benchmarks/results.json benchmarks/baseline-cpu.json --threshold $(BENCH_THRESHOLD)
+
+# Writes this run's cases into the baseline (other cases are kept): run it on the baseline machine only.
+bench-baseline: bench
+	$(PY) -m benchmarks.compare benchmarks/results.json benchmarks/baseline-cpu.json --update
 
 lint: install
 	$(PY) -m ruff check .
