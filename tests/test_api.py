@@ -7,12 +7,25 @@ import ttfm_kernels
 
 PUBLIC = {
     "BackendUnavailableError",
+    "EMA",
+    "GuidedTeacher",
+    "TimeSampler",
     "__version__",
     "attention",
+    "emd_loss",
+    "flow_map",
     "flow_map_step",
+    "flow_matching_loss",
+    "itvm_loss",
     "itvm_residual_loss",
     "jvp_attention",
+    "jvp_sx",
+    "jvp_t",
+    "lfmd_loss",
+    "ode_solve",
     "patch_sdpa",
+    "progressive_loss",
+    "sample",
     "use_backend",
 }
 

@@ -1,0 +1,121 @@
+"""ITVM (MATH.md section 2): exact on the analytic case, target rates in delta, gradient placement."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from tests.flow_models import DTYPE, TwoTimeNet, VelocityNet
+from ttfm_kernels import itvm_loss, jvp_t
+
+EXACT = 1e-26  # fp64 losses of the exact map: ~1e-32 measured (squares of ~1e-16 rounding errors)
+
+
+@pytest.mark.parametrize("terminal_init", [False, True])
+def test_exact_map_has_zero_loss_and_perturbed_map_does_not(gaussian, terminal_init):
+    teacher, exact, perturbed, batch, x1 = gaussian
+    loss, stats = itvm_loss(exact, teacher, exact, x1, terminal_init=terminal_init, **batch)
+    assert 0 <= float(loss) < EXACT and stats["init"] < EXACT and stats["term"] < EXACT
+    loss, stats = itvm_loss(perturbed, teacher, perturbed, x1, terminal_init=terminal_init, **batch)
+    assert float(loss) > 1e-4 and stats["init"] > 1e-4 and stats["term"] > 1e-5
+    if terminal_init:
+        assert stats["terminal_init"] > 1e-4
+
+
+@pytest.mark.parametrize(("target", "order"), [("euler", 2), ("fd", 1)])
+def test_derivative_free_targets_converge_at_their_rate(gaussian, target, order):
+    """On the exact map the "euler" residual is O(delta^2), the "fd" residual O(delta): halving delta divides the
+    residual by 2^order. The "euler" term carries the weight 1/delta, so its residual is sqrt(loss * delta)."""
+    teacher, exact, _, batch, x1 = gaussian
+    residual = []
+    for delta in (0.04, 0.02, 0.01):
+        loss, _ = itvm_loss(exact, teacher, exact, x1, target=target, delta=delta, lambda_init=0.0, **batch)
+        residual.append((float(loss) * (delta if target == "euler" else 1.0)) ** 0.5)
+    assert residual[-1] > 1e-6  # not exact: the rate is real
+    for coarse, fine in itertools.pairwise(residual):
+        assert 2**order * 0.85 < coarse / fine < 2**order * 1.15, residual
+
+
+def _grads(student, teacher, x1, **kwargs):
+    student.zero_grad()
+    loss, _ = itvm_loss(student, teacher, student, x1, **kwargs)
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in student.net.parameters()])
+
+
+def test_fd_and_euler_converge_to_jvp_with_ema_equal_to_student():
+    """ema = student: "fd" loss and gradient -> "jvp", the 1/delta-weighted "euler" gradient too, error O(delta)."""
+    student, teacher = TwoTimeNet(3), VelocityNet(3)
+    x1 = torch.randn(16, 3, dtype=DTYPE)
+    s = torch.rand(16, dtype=DTYPE) * 0.5
+    batch = {"x0": torch.randn_like(x1), "s": s, "t": s + 0.5 * torch.rand(16, dtype=DTYPE)}
+    loss_jvp, grad_jvp = _grads(student, teacher, x1, **batch)
+    for target in ("fd", "euler"):
+        errors = []
+        for delta in (1e-2, 5e-3):
+            loss, grad = _grads(student, teacher, x1, target=target, delta=delta, **batch)
+            errors.append(float((grad - grad_jvp).norm() / grad_jvp.norm()))
+            if target == "fd":
+                assert abs(float(loss - loss_jvp)) < 0.05 * float(loss_jvp)
+        assert errors[1] < 0.02 and 1.6 < errors[0] / errors[1] < 2.4, (target, errors)
+
+
+class _Recorder(nn.Module):
+    """Wraps a student and keeps the gradient of its (batched) output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sigma = model, model.sigma
+
+    def forward(self, x, s, t):
+        self.out = self.model(x, s, t)
+        self.out.retain_grad()
+        return self.out
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gradient_flows_only_through_the_student_forwards(weighted):
+    """d loss / d u = 2 lambda w r / (B D) on each half of the batched student call; EMA and teacher get none."""
+    n, d, lam_i, lam_t = 6, 3, 0.7, 1.3
+    student, ema, teacher = _Recorder(TwoTimeNet(d)), TwoTimeNet(d), VelocityNet(d)
+    x1, x0 = torch.randn(n, d, dtype=DTYPE), torch.randn(n, d, dtype=DTYPE)
+    s = torch.rand(n, dtype=DTYPE) * 0.5
+    t = s + 0.5 * torch.rand(n, dtype=DTYPE)
+    w = torch.rand(n, dtype=DTYPE) + 0.5 if weighted else None
+    loss, _ = itvm_loss(student, teacher, ema, x1, x0=x0, s=s, t=t, weight=w, lambda_init=lam_i, lambda_term=lam_t)
+    loss.backward()
+    xs = (1 - s[:, None]) * x0 + s[:, None] * x1
+    with torch.no_grad():
+        u_ema, du_ema = torch.func.jvp(lambda tt: ema(xs, s, tt), (t,), (torch.ones_like(t),))
+        target = teacher(xs + (t - s)[:, None] * u_ema, t) - (t - s)[:, None] * du_ema
+        r_t = student.model(xs, s, t) - target
+        r_i = student.model(xs, s, s) - teacher(xs, s)
+    scale = (w if weighted else torch.ones(n, dtype=DTYPE))[:, None] * 2 / (n * d)
+    g_st, g_ss = student.out.grad.chunk(2)
+    torch.testing.assert_close(g_st, lam_t * scale * r_t, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_ss, lam_i * scale * r_i, rtol=1e-10, atol=1e-14)
+    assert all(p.grad is None for p in [*ema.parameters(), *teacher.parameters()])
+    assert jvp_t(ema, xs, s, t)[1].abs().sum() > 0
+
+
+def test_one_batched_student_call_and_one_batched_teacher_call():
+    student, ema, teacher = TwoTimeNet(3), TwoTimeNet(3), VelocityNet(3)
+    y = torch.tensor([0, 1, 2, 3])
+    itvm_loss(student, teacher, ema, torch.randn(4, 3, dtype=DTYPE), cond={"y": y}, target="fd")
+    for model in (student, ema, teacher):
+        assert len(model.calls) == 1 and torch.equal(model.calls[0], torch.cat([y, y])), model.calls
+
+
+@pytest.mark.parametrize("target", ["jvp", "euler", "fd"])
+def test_reductions_and_weights(gaussian, target):
+    teacher, _, perturbed, batch, x1 = gaussian
+    per = itvm_loss(perturbed, teacher, perturbed, x1, target=target, reduction="none", **batch)[0]
+    assert per.shape == (x1.shape[0],) and (per > 0).all()
+    mean = itvm_loss(perturbed, teacher, perturbed, x1, target=target, **batch)[0]
+    total = itvm_loss(perturbed, teacher, perturbed, x1, target=target, reduction="sum", **batch)[0]
+    torch.testing.assert_close(mean, per.mean())
+    torch.testing.assert_close(total, per.sum())
+    w = torch.rand(x1.shape[0], dtype=DTYPE)
+    weighted = itvm_loss(perturbed, teacher, perturbed, x1, target=target, weight=w, **batch)[0]
+    torch.testing.assert_close(weighted, (w * per).mean())

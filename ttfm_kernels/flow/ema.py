@@ -1,0 +1,58 @@
+"""Exponential moving average of a model's weights (the theta^- of ITVM, and the weights to sample with)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMA"]
+
+
+class EMA(nn.Module):
+    """An averaged copy of ``model``: theta^- <- d theta^- + (1 - d) theta after each ``update(model)``.
+
+    The effective decay at update n (1-based) is ``min(decay, (1 + n) / (warmup + n))`` when ``warmup > 0``
+    (early updates follow the model closely), else ``decay``. Buffers (e.g. norm statistics) are copied.
+    ``forward`` runs the averaged copy with the model's signature, without gradients to its weights;
+    ``state_dict()`` holds the copy's weights (under ``module.``) and the update count.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 0) -> None:
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        if hasattr(model, "sigma"):
+            self.sigma = model.sigma
+
+    def current_decay(self) -> float:
+        """The decay the next ``update`` uses."""
+        n = int(self.num_updates) + 1
+        return min(self.decay, (1 + n) / (self.warmup + n)) if self.warmup > 0 else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average toward ``model``'s current weights (same architecture as at construction)."""
+        decay = self.current_decay()
+        params, avg = dict(model.named_parameters()), dict(self.module.named_parameters())
+        if params.keys() != avg.keys():
+            raise ValueError("model has different parameters than the one this EMA was built from")
+        for name, p in params.items():
+            avg[name].lerp_(p.detach().to(avg[name].dtype), 1.0 - decay)
+        for b, b_avg in zip(model.buffers(), self.module.buffers(), strict=True):
+            b_avg.copy_(b)
+        self.num_updates += 1
+
+    def __getattr__(self, name: str) -> object:
+        if name == "forward_jvp":  # the copy's explicit tangent pass, when it has one (ttfm_kernels.jvp_t)
+            return getattr(self._modules["module"], name)
+        return super().__getattr__(name)
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.module(*args, **kwargs)

@@ -1,0 +1,108 @@
+"""Sampling with a two-time flow map (MATH.md section 4) and the teacher's reference ODE solve."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ttfm_kernels._checks import check_float, check_per_sample
+from ttfm_kernels.flow.interpolant import resolve_sigma
+from ttfm_kernels.ops.residual import flow_map_step
+
+__all__ = ["flow_map", "ode_solve", "sample", "time_grid"]
+
+_METHODS = ("euler", "heun")
+
+
+def _times(name: str, value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A time given as a number or a (B,) tensor, as a (B,) tensor in x's dtype on x's device."""
+    if isinstance(value, torch.Tensor):
+        check_per_sample(name, value, x.shape[0], "x", x)
+        times = value.to(x.dtype)
+    else:
+        times = torch.full((x.shape[0],), float(value), dtype=x.dtype, device=x.device)
+    if not torch.isfinite(times).all():
+        raise ValueError(f"{name} must be finite")
+    return times
+
+
+def time_grid(steps: int, grid: str | Sequence[float] | torch.Tensor = "uniform") -> list[float]:
+    """The sampling grid 0 = t_0 < ... < t_N = 1: ``"uniform"``, or explicit increasing times (any endpoints)."""
+    if isinstance(grid, str):
+        if grid != "uniform":
+            raise ValueError(f"grid must be 'uniform' or a sequence of increasing times, got {grid!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        return [k / steps for k in range(steps + 1)]
+    times = [float(v) for v in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
+    if len(times) < 2 or any(not math.isfinite(v) for v in times) or any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"grid must hold at least two finite, strictly increasing times, got {times}")
+    return times
+
+
+def _start(model: nn.Module, x0: torch.Tensor | Sequence[int], sigma: float | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """x0 as given, or a draw from N(0, sigma^2 I) of shape ``x0`` in the model's dtype and device."""
+    if isinstance(x0, torch.Tensor):
+        check_float("x0", x0)
+        if x0.dim() == 0 or x0.shape[0] == 0:
+            raise ValueError(f"x0 must have shape (B, ...) with B >= 1, got {tuple(x0.shape)}")
+        return x0
+    param = next((p for p in model.parameters() if p.is_floating_point()), None) \
+        if isinstance(model, nn.Module) else None
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.get_default_dtype(), None)
+    noise = torch.randn(tuple(x0), dtype=dtype, device=device, generator=generator)
+    return resolve_sigma(model, sigma) * noise
+
+
+def flow_map(model: nn.Module, x: torch.Tensor, s: float | torch.Tensor, t: float | torch.Tensor,
+             **cond: object) -> torch.Tensor:
+    """X_{s,t}(x) = x + (t - s) * model(x, s, t, **cond): one jump of a two-time flow map.
+
+    x: (B, ...); s, t: numbers or (B,) tensors. Differentiable (no no_grad inside).
+    """
+    check_float("x", x)
+    s_, t_ = _times("s", s, x), _times("t", t, x)
+    return flow_map_step(x, model(x, s_, t_, **cond), s_, t_)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, x0: torch.Tensor | Sequence[int], steps: int = 4,
+           grid: str | Sequence[float] | torch.Tensor = "uniform", *, sigma: float | None = None,
+           generator: torch.Generator | None = None, **cond: object) -> torch.Tensor:
+    """Sample with a two-time flow map u(x, s, t) (use the EMA weights): x_{k+1} = X_{t_k, t_{k+1}}(x_k).
+
+    x0: the starting noise (B, ...), or a shape to draw N(0, sigma^2 I) for (sigma from ``model.sigma`` unless
+    given). ``steps`` jumps on a uniform grid over [0, 1], or the explicit ``grid``. No graph is kept.
+    """
+    x = _start(model, x0, sigma, generator)
+    times = time_grid(steps, grid)
+    for a, b in itertools.pairwise(times):
+        x = flow_map(model, x, a, b, **cond)
+    return x
+
+
+@torch.no_grad()
+def ode_solve(teacher: nn.Module, x0: torch.Tensor | Sequence[int], steps: int = 100, method: str = "euler",
+              grid: str | Sequence[float] | torch.Tensor = "uniform", *, sigma: float | None = None,
+              generator: torch.Generator | None = None, **cond: object) -> torch.Tensor:
+    """Solve the probability-flow ODE dx/dt = teacher(x, t, **cond) from x0 over the grid (the reference).
+
+    ``method``: "euler" (one teacher call per step) or "heun" (two; second order). x0 as in ``sample``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    x = _start(teacher, x0, sigma, generator)
+    times = time_grid(steps, grid)
+    for a, b in itertools.pairwise(times):
+        ta, tb = _times("t", a, x), _times("t", b, x)
+        v = teacher(x, ta, **cond)
+        x_next = flow_map_step(x, v, ta, tb)
+        if method == "heun":
+            x_next = flow_map_step(x, (v + teacher(x_next, tb, **cond)) / 2, ta, tb)
+        x = x_next
+    return x
