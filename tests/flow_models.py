@@ -87,7 +87,7 @@ class TwoTimeNet(nn.Module):
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         self.calls.append(y)
-        h = self.net[0](torch.cat([x, s[:, None], (t - s)[:, None]], dim=1))
+        h = self.net[0](torch.cat([x, s[:, None].to(x.dtype), (t - s)[:, None].to(x.dtype)], dim=1))
         if y is not None:
             h = h + self.embed(y)
         return self.net[1:](h)

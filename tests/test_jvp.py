@@ -87,7 +87,7 @@ class _SdpaModel(nn.Module):
 
 def test_sdpa_model_gets_advice():
     x, s, t = _inputs()
-    with pytest.raises(NotImplementedError, match="sdpa_kernel"):
+    with pytest.raises(NotImplementedError, match="patch_sdpa"):
         jvp_t(_SdpaModel(), x, s, t)
 
 

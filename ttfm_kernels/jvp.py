@@ -21,6 +21,7 @@ __all__ = ["jvp_sx", "jvp_t"]
 _SDPA_ADVICE = (
     "a forward-mode derivative is missing for an op this model calls ({err}). On CPU, "
     "F.scaled_dot_product_attention has no forward-AD rule in torch 2.13: run the call inside "
+    "`with ttfm_kernels.patch_sdpa():` (fused attention JVP) or "
     "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, or give the model a "
     "`forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond)` method built on ttfm_kernels ops."
 )

@@ -38,3 +38,10 @@ def test_bad_options_are_named():
                          ({"min_gap": 1.0}, "min_gap"), ({"std": 0.0}, "std")):
         with pytest.raises(ValueError, match=word):
             TimeSampler(**kwargs)
+
+
+def test_generator_makes_draws_reproducible():
+    sampler = TimeSampler(diagonal=0.5)
+    first = sampler(8, generator=torch.Generator().manual_seed(3))
+    second = sampler(8, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

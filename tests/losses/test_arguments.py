@@ -125,3 +125,14 @@ def test_residual_target_that_requires_grad_is_an_error():
     a = torch.randn(N, D, dtype=DTYPE, requires_grad=True)
     with pytest.raises(ValueError, match="target_a requires grad"):
         itvm_residual_loss(u, u, u.detach(), a, a.detach(), torch.ones(N, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["itvm-jvp", "itvm-fd", "lfmd", "emd"])
+def test_lower_precision_models_and_data(name, dtype):
+    """Models and data in float32 / bfloat16 (times stay in float32): finite loss and gradients."""
+    student, teacher = TwoTimeNet(D).to(dtype), VelocityNet(D).to(dtype)
+    loss, _ = LOSSES[name](student, teacher, torch.randn(N, D, dtype=dtype))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in student.net.parameters())

@@ -97,3 +97,21 @@ def test_reductions(gaussian, loss_fn):
     torch.testing.assert_close(loss_fn(perturbed, other, x1, **batch)[0], per.mean())
     w = torch.rand(x1.shape[0], dtype=DTYPE)
     torch.testing.assert_close(loss_fn(perturbed, other, x1, reduction="sum", weight=w, **batch)[0], (w * per).sum())
+
+
+def test_emd_gradient_does_not_go_through_the_jvp():
+    """With ema=None the target uses the student's own JVP, detached: the gradient is that of |u - const|^2."""
+    student, teacher = TwoTimeNet(3, hidden=8), TimeOnly()
+    x1, x0 = torch.randn(6, 3, dtype=DTYPE), torch.randn(6, 3, dtype=DTYPE)
+    s = torch.rand(6, dtype=DTYPE) * 0.5
+    t = s + 0.5 * torch.rand(6, dtype=DTYPE)
+    emd_loss(student, teacher, x1, x0=x0, s=s, t=t)[0].backward()
+    got = [p.grad.clone() for p in student.net.parameters()]
+    student.zero_grad()
+    xs = (1 - s[:, None]) * x0 + s[:, None] * x1
+    v = teacher(xs, s)
+    _, du = torch.func.jvp(lambda x, s_: student(x, s_, t), (xs, s), (v, torch.ones_like(s)))
+    target = (v + (t - s)[:, None] * du).detach()
+    (student(xs, s, t) - target).square().mean().backward()
+    for g, p in zip(got, student.net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)

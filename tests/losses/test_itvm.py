@@ -107,15 +107,32 @@ def test_one_batched_student_call_and_one_batched_teacher_call():
         assert len(model.calls) == 1 and torch.equal(model.calls[0], torch.cat([y, y])), model.calls
 
 
-@pytest.mark.parametrize("target", ["jvp", "euler", "fd"])
-def test_reductions_and_weights(gaussian, target):
+@pytest.mark.parametrize(("target", "terminal_init"), [("jvp", False), ("euler", True), ("fd", False),
+                                                         ("jvp", True)])
+def test_reductions_and_weights(gaussian, target, terminal_init):
     teacher, _, perturbed, batch, x1 = gaussian
-    per = itvm_loss(perturbed, teacher, perturbed, x1, target=target, reduction="none", **batch)[0]
+    kwargs = {"target": target, "terminal_init": terminal_init, **batch}
+    per = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", **kwargs)[0]
     assert per.shape == (x1.shape[0],) and (per > 0).all()
-    mean = itvm_loss(perturbed, teacher, perturbed, x1, target=target, **batch)[0]
-    total = itvm_loss(perturbed, teacher, perturbed, x1, target=target, reduction="sum", **batch)[0]
+    mean = itvm_loss(perturbed, teacher, perturbed, x1, **kwargs)[0]
+    total = itvm_loss(perturbed, teacher, perturbed, x1, reduction="sum", **kwargs)[0]
     torch.testing.assert_close(mean, per.mean())
     torch.testing.assert_close(total, per.sum())
     w = torch.rand(x1.shape[0], dtype=DTYPE)
-    weighted = itvm_loss(perturbed, teacher, perturbed, x1, target=target, weight=w, **batch)[0]
+    weighted = itvm_loss(perturbed, teacher, perturbed, x1, weight=w, **kwargs)[0]
     torch.testing.assert_close(weighted, (w * per).mean())
+
+
+def test_terminal_init_adds_the_initial_term_at_the_endpoint(gaussian):
+    teacher, _, perturbed, batch, x1 = gaussian
+    base = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", **batch)[0]
+    extra = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", terminal_init=True, lambda_init=0.5,
+                      **batch)[0] - itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", lambda_init=0.5,
+                                              **batch)[0]
+    s, t = batch["s"], batch["t"]
+    with torch.no_grad():
+        xs = (1 - s[:, None]) * batch["x0"] + s[:, None] * x1
+        y = xs + (t - s)[:, None] * perturbed(xs, s, t)
+        expected = 0.5 * (perturbed(y, t, t) - teacher(y, t)).square().mean(dim=1)
+    torch.testing.assert_close(extra, expected)
+    assert (base > 0).all()

@@ -23,7 +23,8 @@ _DEFAULT_SAMPLER = TimeSampler()
 
 @dataclass
 class Batch:
-    """One training batch: x0 (noise), x1 (data), times s <= t (B,), x_s on the interpolant, and the rest."""
+    """One training batch: x0 (noise), x1 (data), times s <= t (B,) in at least float32, x_s on the
+    interpolant (x1's dtype), and the rest."""
 
     x0: torch.Tensor
     x1: torch.Tensor
@@ -54,11 +55,16 @@ def _check_model(name: str, model: object, x1: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {param.device} but x1 is on {x1.device}: move one to match")
 
 
+def _time_dtype(x1: torch.Tensor) -> torch.dtype:
+    """Times are kept in at least float32: in half precision t - s near the diagonal would round to 0."""
+    return torch.promote_types(x1.dtype, torch.float32)
+
+
 def _check_times(name: str, times: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     check_per_sample(name, times, x1.shape[0], "x1", x1)
     if not torch.isfinite(times).all():
         raise ValueError(f"{name} has non-finite values")
-    return times.to(x1.dtype)
+    return times.to(_time_dtype(x1))
 
 
 def prepare(x1: torch.Tensor, models: Mapping[str, object], *, sigma_from: object, pair: bool,
@@ -103,9 +109,9 @@ def prepare(x1: torch.Tensor, models: Mapping[str, object], *, sigma_from: objec
     sampler = time_sampler if time_sampler is not None else _DEFAULT_SAMPLER
     if t is None:
         if pair:
-            s, t = sampler(batch, device=x1.device, dtype=x1.dtype)
+            s, t = sampler(batch, device=x1.device, dtype=_time_dtype(x1))
         else:
-            t = sampler.single(batch, device=x1.device, dtype=x1.dtype)
+            t = sampler.single(batch, device=x1.device, dtype=_time_dtype(x1))
     t = _check_times("t", t, x1)
     if pair:
         s = _check_times("s", s, x1)
