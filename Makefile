@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort)
 BUILD_HASH := $(shell cat $(BUILD_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: install demo test bench bench-compare bench-baseline lint clean
+.PHONY: install demo test bench bench-compare bench-baseline check-gpu-compile lint clean
 .DEFAULT_GOAL := test
 
 $(VENV)/.stamp-venv:
@@ -43,6 +43,10 @@ bench-compare: bench
 # Writes this run's cases into the baseline (other cases are kept): run it on the baseline machine only.
 bench-baseline: bench
 	$(PY) -m benchmarks.compare benchmarks/results.json benchmarks/baseline-cpu.json --update
+
+# Compiles every registered Triton configuration for sm_80 and sm_90 (no GPU needed); report in gate-reports/.
+check-gpu-compile: install
+	TRITON_INTERPRET=0 $(PY) -m ttfm_kernels._gpu_gate --report gate-reports/gpu-compile.txt
 
 lint: install
 	$(PY) -m ruff check .

@@ -16,6 +16,13 @@ Registering (the ASTSource form, verified with triton 3.7)::
 
 ``signature`` names EVERY kernel argument in order; ``default=True`` marks a configuration the launcher
 picks by default: it must compile within the shared-memory limit and without register spills.
+
+Compile what a GPU launch compiles: at launch Triton specializes each argument on its value, and the code
+(vectorised loads, cp.async pipelining, hence registers and shared memory) depends on it. The gate mirrors
+that: every pointer is taken as 16-byte aligned (true of torch's allocations and contiguous views from
+offset 0); an int argument listed in ``divisible_by_16`` is taken as a multiple of 16 (list the sizes and
+strides that are, in the representative shapes); an int that is 1 at launch (a unit stride) becomes a
+constant there, so register it as ``"constexpr"`` with the value 1.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 2
     default: bool = True
+    divisible_by_16: tuple[str, ...] = ()
 
 
 GPU_CONFIGS: list[TritonConfig] = []
