@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort)
 BUILD_HASH := $(shell cat $(BUILD_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: install demo test bench bench-compare bench-baseline check-gpu-compile lint clean
+.PHONY: install demo test bench bench-compare bench-baseline check-gpu-compile lint clean check-cuda ctest
 .DEFAULT_GOAL := test
 
 $(VENV)/.stamp-venv:
@@ -50,6 +50,35 @@ check-gpu-compile: install
 
 lint: install
 	$(PY) -m ruff check .
+
+# `make check-cuda`: compile csrc/cuda/*.cu for sm_80 and sm_90a in ONE build against the CUDA build of torch
+# (in its own venv; no GPU needed), then load every built extension there (undefined symbols, duplicate
+# registrations). CUDA_HOME must be the toolkit root holding the real bin/nvcc: torch's guess follows the
+# /usr/local/bin/nvcc wrapper to /usr/local. The pip CUDA headers (nvidia/cu13/include) come from setup.py.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHS ?= 8.0;9.0a
+CUDA_BUILD := build/check-cuda
+CPY := $(CUDA_VENV)/bin/python
+
+$(CUDA_VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CPY) -m pip install --quiet "$(CUDA_TORCH_SPEC)" ninja setuptools
+	touch $@
+
+check-cuda: $(CUDA_VENV)/.stamp-venv
+	@start=$$(date +%s); rm -rf $(CUDA_BUILD)/lib; \
+	CUDA_HOME="$(CUDA_HOME)" TTFM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+		$(CPY) setup.py --quiet build_ext --build-lib $(CUDA_BUILD)/lib --build-temp $(CUDA_BUILD)/temp \
+	&& $(CPY) csrc/tests/check_cuda_import.py $(CUDA_BUILD)/lib \
+	&& echo "check-cuda: passed in $$(( $$(date +%s) - start )) s (archs $(CUDA_ARCHS))"
+
+# C++ tests of the shared host/device headers (csrc/tests), no libtorch: seconds.
+ctest:
+	cmake -S . -B build/ctest -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/ctest -j 2
+	ctest --test-dir build/ctest --output-on-failure
 
 clean:
 	rm -rf build ttfm_kernels/*.so $(VENV)/.stamp-install

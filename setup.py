@@ -26,7 +26,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 INCLUDE = [str(ROOT / "csrc" / "include")]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+CXX_FLAGS = ["-O3", "-fvisibility=hidden"]  # torch adds the -std it needs (C++20)
 X86_VEC_FLAGS = ["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-mavx2", "-mfma", "-mf16c"]
 
 
@@ -47,6 +47,11 @@ def _cuda_wanted() -> bool:
         reason = f"torch {torch.__version__} is a CPU-only build"
     elif cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
         reason = "nvcc not found (set CUDA_HOME to the toolkit root that holds bin/nvcc)"
+    elif not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME as the parent of the first nvcc on PATH; a wrapper script such as
+        # /usr/local/bin/nvcc makes that /usr/local, which holds no toolkit.
+        reason = (f"CUDA_HOME={cpp_extension.CUDA_HOME} holds no CUDA toolkit (no include/cuda_runtime.h); set "
+                  "CUDA_HOME to the toolkit root that holds the real bin/nvcc, e.g. /usr/local/cuda")
     if reason is None:
         return True
     if flag in ("1", "true", "yes"):
@@ -84,7 +89,7 @@ def _extensions() -> tuple[list, dict]:
         exts.append(CUDAExtension(
             "ttfm_kernels._C_cuda", cuda_sources, include_dirs=INCLUDE + _pip_cuda_includes(),
             extra_compile_args={"cxx": CXX_FLAGS,
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))
+                                "nvcc": ["-O3", "-lineinfo"]}))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 

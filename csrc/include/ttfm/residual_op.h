@@ -1,0 +1,49 @@
+// Host-side argument checks of the residual kernel ops, shared by the CPU and CUDA implementations.
+// The Python entry points (ttfm_kernels/ops/residual/function.py) validate user input with clear messages;
+// these checks guard the private kernel ops against a wrong call from Python.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <initializer_list>
+
+namespace ttfm {
+
+// x, u, out of flow_map_step: same shape, dtype and device, contiguous; s, t of shape (B,).
+inline void check_flow_map_step_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s,
+                                     const at::Tensor& t, const at::Tensor& out) {
+  TORCH_CHECK(x.dim() >= 1, "ttfm::flow_map_step: x must be (B, ...)");
+  for (const at::Tensor* other : {&u, &out}) {
+    TORCH_CHECK(other->sizes() == x.sizes() && other->scalar_type() == x.scalar_type() &&
+                    other->device() == x.device(),
+                "ttfm::flow_map_step: u and out must match x in shape, dtype and device");
+  }
+  TORCH_CHECK(x.is_contiguous() && u.is_contiguous() && out.is_contiguous(),
+              "ttfm::flow_map_step: x, u and out must be contiguous");
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == x.size(0) && t.dim() == 1 && t.size(0) == x.size(0),
+              "ttfm::flow_map_step: s and t must have shape (B,)");
+}
+
+// The five (B, ...) inputs: one shape, dtype and device, contiguous; per-sample tensors (B,) contiguous in the
+// accumulation dtype (float32, or float64 for float64 inputs).
+inline void check_residual_args(const at::Tensor& u_st, std::initializer_list<const at::Tensor*> like,
+                                std::initializer_list<const at::Tensor*> per_sample) {
+  TORCH_CHECK(u_st.dim() >= 1 && u_st.size(0) >= 1, "ttfm::itvm_residual_loss: u_st must be (B, ...) with B >= 1");
+  TORCH_CHECK(u_st.is_contiguous(), "ttfm::itvm_residual_loss: inputs must be contiguous");
+  for (const at::Tensor* t : like) {
+    TORCH_CHECK(t->sizes() == u_st.sizes() && t->scalar_type() == u_st.scalar_type() &&
+                    t->device() == u_st.device() && t->is_contiguous(),
+                "ttfm::itvm_residual_loss: every (B, ...) tensor must match u_st in shape, dtype and device and "
+                "be contiguous");
+  }
+  const at::ScalarType acc = at::toOpMathType(u_st.scalar_type());
+  for (const at::Tensor* t : per_sample) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == u_st.size(0) && t->scalar_type() == acc &&
+                    t->device() == u_st.device() && t->is_contiguous(),
+                "ttfm::itvm_residual_loss: coef, weight, losses and grad_losses must be contiguous (B,) tensors of "
+                "dtype ", acc, " on u_st's device");
+  }
+}
+
+}  // namespace ttfm

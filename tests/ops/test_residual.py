@@ -1,0 +1,241 @@
+"""The residual ops against their reference (MATH.md sections 1-2): values, gradients, bad input, opcheck."""
+
+import pytest
+import torch
+from torch.autograd import forward_ad as fwAD
+
+from ttfm_kernels import BackendUnavailableError, _ext, flow_map_step, itvm_residual_loss
+from ttfm_kernels.ops.residual import function
+from ttfm_kernels.ops.residual.reference import flow_map_step_reference, itvm_residual_loss_reference
+from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
+
+needs_cpu_kernel = pytest.mark.skipif(not _ext.has_kernel("itvm_residual_loss_fwd", "CPU"),
+                                      reason="the C++ CPU extension is not built")
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+NAMES = ("u_st", "u_ss", "v_s", "target_a", "target_b")
+
+
+def make_inputs(shape, dtype=torch.float32, target="jvp", weight=True):
+    """(u_st, u_ss, v_s, target_a, target_b) of ``shape`` and (coef, weight) for one of MATH.md's targets."""
+    u_st, u_ss, v_s, a, b = (torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(5))
+    batch = shape[0]
+    s = torch.rand(batch, dtype=torch.float64) * 0.5
+    t = s + torch.rand(batch, dtype=torch.float64) * 0.5
+    delta = 0.25
+    coef = {"jvp": -(t - s), "euler": torch.full((batch,), 1 - delta, dtype=torch.float64),
+            "fd": torch.full((batch,), 1 / delta, dtype=torch.float64)}[target].to(torch.float32)
+    w = torch.rand(batch) + 0.5 if weight else None
+    return [u_st, u_ss, v_s, a, b], coef, w
+
+
+def loss_and_grads(tensors, coef, weight, reduction, backend, **kw):
+    u_st, u_ss = (x.detach().clone().requires_grad_() for x in tensors[:2])
+    fn = itvm_residual_loss_reference if backend is None else itvm_residual_loss
+    extra = {} if backend is None else {"backend": backend}
+    loss = fn(u_st, u_ss, *tensors[2:], coef, weight=weight, reduction=reduction, **kw, **extra)
+    gy = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
+    g_st, g_ss = torch.autograd.grad(loss, [u_st, u_ss], gy)
+    return loss, g_st, g_ss
+
+
+def reference64(tensors, coef, weight, reduction, **kw):
+    """Reference loss and gradients from the same (possibly rounded) inputs, evaluated in float64."""
+    return loss_and_grads([x.double() for x in tensors], coef.double(),
+                          None if weight is None else weight.double(), reduction, None, **kw)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("shape", "target", "weight"), [
+    ((4, 37), "jvp", True), ((1, 1), "euler", False), ((3, 3), "fd", True), ((2, 5, 7, 3), "jvp", False),
+    ((5, 40000), "euler", True),  # several kernel chunks per sample
+])
+def test_cpu_matches_reference(dtype, reduction, shape, target, weight):
+    tensors, coef, w = make_inputs(shape, dtype, target, weight)
+    kw = {"lambda_init": 0.7, "lambda_term": 1.3}
+    loss, g_st, g_ss = loss_and_grads(tensors, coef, w, reduction, "cpu", **kw)
+    ref_loss, ref_st, ref_ss = reference64(tensors, coef, w, reduction, **kw)
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == accumulate and g_st.dtype == g_ss.dtype == dtype
+    assert_close_to_ref(loss, ref_loss, dtype=accumulate, name="loss")
+    assert_close_to_ref(g_st, ref_st.to(dtype), dtype=dtype, name="grad u_st")
+    assert_close_to_ref(g_ss, ref_ss.to(dtype), dtype=dtype, name="grad u_ss")
+    assert_nontrivial(g_st, "grad u_st")
+    assert_nontrivial(g_ss, "grad u_ss")
+
+
+@needs_cpu_kernel
+def test_cpu_large_odd_feature_size():
+    tensors, coef, w = make_inputs((1, 1000003), torch.float32, "fd")
+    loss, g_st, g_ss = loss_and_grads(tensors, coef, w, "sum", "cpu")
+    ref_loss, ref_st, ref_ss = reference64(tensors, coef, w, "sum")
+    assert_close_to_ref(loss, ref_loss, name="loss")
+    assert_close_to_ref(g_st, ref_st.float(), name="grad u_st")
+    assert_close_to_ref(g_ss, ref_ss.float(), name="grad u_ss")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("weight", [True, False])
+def test_cpu_gradcheck(weight):
+    tensors, coef, w = make_inputs((3, 2, 4), torch.float64, "jvp", weight)
+    u_st, u_ss = (x.requires_grad_() for x in tensors[:2])
+
+    def fn(u_st, u_ss):
+        return itvm_residual_loss(u_st, u_ss, *tensors[2:], coef, weight=w, lambda_init=0.5, reduction="none",
+                                  backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (u_st, u_ss))
+
+
+@needs_cpu_kernel
+def test_cpu_only_one_gradient_requested():
+    tensors, coef, w = make_inputs((2, 9))
+    u_ss = tensors[1].requires_grad_()
+    loss = itvm_residual_loss(*tensors, coef, weight=w, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, [u_ss])
+    ref = itvm_residual_loss_reference(*tensors, coef, weight=w)
+    assert_close_to_ref(grad, torch.autograd.grad(ref, [u_ss])[0], name="grad u_ss")
+
+
+@needs_cpu_kernel
+def test_cpu_non_contiguous_inputs_are_handled():
+    base, coef, w = make_inputs((6, 5, 8))
+    strided = [x.transpose(1, 2) for x in base]            # (6, 8, 5) non-contiguous views
+    sliced_coef = torch.randn(12)[::2]
+    assert not strided[0].is_contiguous() and not sliced_coef.is_contiguous()
+    got = loss_and_grads(strided, sliced_coef, w, "mean", "cpu")
+    ref = reference64(strided, sliced_coef, w, "mean")
+    for name, a, r in zip(("loss", "grad u_st", "grad u_ss"), got, ref):
+        assert_close_to_ref(a, r.float(), name=name)
+
+
+@needs_cpu_kernel
+def test_cpu_deterministic_across_thread_counts():
+    tensors, coef, w = make_inputs((3, 70001))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(itvm_residual_loss(*tensors, coef, weight=w, reduction="none", backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@needs_cpu_kernel
+def test_auto_picks_cpu_kernel_and_cuda_is_explicit_only(monkeypatch):
+    calls = []
+    kernel = function._residual_losses
+    monkeypatch.setattr(function, "_residual_losses", lambda *a: calls.append(1) or kernel(*a))
+    tensors, coef, _ = make_inputs((2, 3))
+    itvm_residual_loss(*tensors, coef)
+    assert calls == [1]
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        itvm_residual_loss(*tensors, coef, backend="cuda")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("api", ["forward_ad", "func.jvp"])
+def test_forward_ad_tangent_is_carried(api):
+    tensors, coef, w = make_inputs((2, 6), torch.float64)
+    tangent = torch.randn_like(tensors[0])
+
+    def loss_of(u_st):
+        return itvm_residual_loss(u_st, *tensors[1:], coef, weight=w, backend="cpu")
+
+    def ref_of(u_st):
+        return itvm_residual_loss_reference(u_st, *tensors[1:], coef, weight=w)
+
+    _, expected = torch.func.jvp(ref_of, (tensors[0],), (tangent,))
+    if api == "func.jvp":
+        _, got = torch.func.jvp(loss_of, (tensors[0],), (tangent,))
+    else:
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(loss_of(fwAD.make_dual(tensors[0], tangent))).tangent
+    assert_nontrivial(got)
+    assert_close_to_ref(got, expected, name="loss tangent")
+
+
+@needs_cpu_kernel
+def test_opcheck_public_and_kernel_ops():
+    tensors, coef, w = make_inputs((3, 4, 5))
+    grad_inputs = [x.clone().requires_grad_() for x in tensors[:2]] + tensors[2:]
+    for weight in (w, None):
+        torch.library.opcheck(torch.ops.ttfm.itvm_residual_losses.default,
+                              (*grad_inputs, coef, weight, 0.5, 2.0))
+        torch.library.opcheck(torch.ops.ttfm.itvm_residual_losses_backward.default,
+                              (torch.randn(3), *tensors, coef, weight, 0.5, 2.0))
+        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
+                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3)))
+        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_bwd.default,
+                              (torch.randn(3), *tensors, coef, weight, 0.5, 2.0, torch.empty(3, 4, 5),
+                               torch.empty(3, 4, 5)))
+    torch.library.opcheck(torch.ops.ttfm.flow_map_step.default,
+                          (tensors[0], tensors[1], coef, coef * 2, torch.empty(3, 4, 5)))
+
+
+def _bad_calls():
+    """(description, kwargs changes, expected error type, message fragment)."""
+    t, c, w = make_inputs((3, 4))
+    cases = []
+    for i, name in enumerate(NAMES):
+        cases.append((f"{name} shape", i, torch.randn(3, 5), ValueError, name))
+        cases.append((f"{name} dtype", i, t[i].double(), TypeError, name))
+        cases.append((f"{name} integer", i, torch.ones(3, 4, dtype=torch.int64), TypeError, name))
+        cases.append((f"{name} device", i, torch.randn(3, 4, device="meta"), ValueError, name))
+    cases.append(("coef shape", "coef", torch.randn(3, 1), ValueError, "coef"))
+    cases.append(("coef batch", "coef", torch.randn(4), ValueError, "coef"))
+    cases.append(("coef integer", "coef", torch.ones(3, dtype=torch.int32), TypeError, "coef"))
+    cases.append(("weight shape", "weight", torch.rand(2), ValueError, "weight"))
+    cases.append(("weight device", "weight", torch.rand(3, device="meta"), ValueError, "weight"))
+    for i in range(2, 5):
+        cases.append((f"{NAMES[i]} requires grad", i, t[i].clone().requires_grad_(), ValueError, NAMES[i]))
+    cases.append(("coef requires grad", "coef", c.clone().requires_grad_(), ValueError, "coef"))
+    cases.append(("weight requires grad", "weight", w.clone().requires_grad_(), ValueError, "weight"))
+    return cases
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda case: case[0])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_bad_input_names_the_argument(case, backend):
+    _, where, value, error, fragment = case
+    tensors, coef, w = make_inputs((3, 4))
+    args = {"coef": coef, "weight": w}
+    if isinstance(where, int):
+        tensors[where] = value
+    else:
+        args[where] = value
+    with pytest.raises(error, match=fragment):
+        itvm_residual_loss(*tensors, args["coef"], weight=args["weight"], backend=backend)
+
+
+def test_empty_batch_and_bad_reduction_are_rejected():
+    tensors, coef, _ = make_inputs((1, 4))
+    empty = [x[:0] for x in tensors]
+    with pytest.raises(ValueError, match="B >= 1"):
+        itvm_residual_loss(*empty, coef[:0])
+    with pytest.raises(ValueError, match="reduction"):
+        itvm_residual_loss(*tensors, coef, reduction="avg")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 3, 5)])
+def test_flow_map_step_cpu_matches_reference(dtype, shape):
+    x, u = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    s, t = torch.rand(shape[0]), torch.rand(shape[0]) + 0.5
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    y = flow_map_step(x, u, s, t, out=out, backend="cpu")
+    assert y is out
+    assert_close_to_ref(y, flow_map_step_reference(x.double(), u.double(), s.double(), t.double()).to(dtype),
+                        dtype=dtype)
+
+
+def test_flow_map_step_bad_out_is_rejected_before_writing():
+    x = torch.randn(2, 3)
+    out = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="out"):
+        flow_map_step(x, x, torch.zeros(2), torch.ones(2), out=out)
+    assert out.eq(0).all()
