@@ -49,7 +49,7 @@ def reference64(tensors, coef, weight, reduction, **kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(("shape", "target", "weight"), [
     ((4, 37), "jvp", True), ((1, 1), "euler", False), ((3, 3), "fd", True), ((2, 5, 7, 3), "jvp", False),
-    ((5, 40000), "euler", True),  # several kernel chunks per sample
+    ((3, 20000), "euler", True),  # two kernel chunks per sample, the second one partial
 ])
 def test_cpu_matches_reference(dtype, reduction, shape, target, weight):
     tensors, coef, w = make_inputs(shape, dtype, target, weight)
@@ -100,13 +100,13 @@ def test_cpu_only_one_gradient_requested():
 
 @needs_cpu_kernel
 def test_cpu_non_contiguous_inputs_are_handled():
-    base, coef, w = make_inputs((6, 5, 8))
+    base, _, w = make_inputs((6, 5, 8))
     strided = [x.transpose(1, 2) for x in base]            # (6, 8, 5) non-contiguous views
     sliced_coef = torch.randn(12)[::2]
     assert not strided[0].is_contiguous() and not sliced_coef.is_contiguous()
     got = loss_and_grads(strided, sliced_coef, w, "mean", "cpu")
     ref = reference64(strided, sliced_coef, w, "mean")
-    for name, a, r in zip(("loss", "grad u_st", "grad u_ss"), got, ref):
+    for name, a, r in zip(("loss", "grad u_st", "grad u_ss"), got, ref, strict=True):
         assert_close_to_ref(a, r.float(), name=name)
 
 
