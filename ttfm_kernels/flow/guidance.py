@@ -15,7 +15,8 @@ class GuidedTeacher(nn.Module):
 
     ``forward(x, t, **cond) = v(x, t, **null_cond) + scale * (v(x, t, **cond) - v(x, t, **null_cond))``,
     two teacher calls. ``null_cond`` holds the unconditional arguments (e.g. ``{"y": null_label}``); a tensor
-    in it with a leading dim of 1 (or no dims) is expanded to the batch. ``sigma`` is the teacher's.
+    in it with a leading dim of 1 (or no dims) is expanded to the batch, and moved to x's device. ``sigma`` is
+    the teacher's.
     """
 
     def __init__(self, teacher: nn.Module, scale: float, null_cond: Mapping[str, object]) -> None:
@@ -26,13 +27,16 @@ class GuidedTeacher(nn.Module):
         if hasattr(teacher, "sigma"):
             self.sigma = teacher.sigma
 
-    def _null(self, batch: int) -> dict[str, object]:
+    def _null(self, x: torch.Tensor) -> dict[str, object]:
         def expand(value: object) -> object:
-            if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] == 1):
-                return value.expand(batch, *value.shape[1:]) if value.dim() else value.expand(batch)
+            if not isinstance(value, torch.Tensor):
+                return value
+            value = value.to(x.device)
+            if value.dim() == 0 or value.shape[0] == 1:
+                return value.expand(x.shape[0], *value.shape[1:]) if value.dim() else value.expand(x.shape[0])
             return value
         return {k: expand(v) for k, v in self.null_cond.items()}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: object) -> torch.Tensor:
-        v_null = self.teacher(x, t, **self._null(x.shape[0]))
+        v_null = self.teacher(x, t, **self._null(x))
         return v_null + self.scale * (self.teacher(x, t, **cond) - v_null)
