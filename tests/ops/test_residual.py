@@ -138,22 +138,22 @@ def test_auto_picks_cpu_kernel_and_cuda_is_explicit_only(monkeypatch):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("api", ["forward_ad", "func.jvp"])
-def test_forward_ad_tangent_is_carried(api):
+@pytest.mark.parametrize("which", [0, 3])  # a tangent on u_st, or on target_a (forward AD through a target)
+def test_forward_ad_tangent_is_carried(api, which):
     tensors, coef, w = make_inputs((2, 6), torch.float64)
-    tangent = torch.randn_like(tensors[0])
+    tangent = torch.randn_like(tensors[which])
 
-    def loss_of(u_st):
-        return itvm_residual_loss(u_st, *tensors[1:], coef, weight=w, backend="cpu")
+    def call(fn, x, **kw):
+        args = [*tensors[:which], x, *tensors[which + 1:]]
+        return fn(*args, coef, weight=w, **kw)
 
-    def ref_of(u_st):
-        return itvm_residual_loss_reference(u_st, *tensors[1:], coef, weight=w)
-
-    _, expected = torch.func.jvp(ref_of, (tensors[0],), (tangent,))
+    _, expected = torch.func.jvp(lambda x: call(itvm_residual_loss_reference, x), (tensors[which],), (tangent,))
     if api == "func.jvp":
-        _, got = torch.func.jvp(loss_of, (tensors[0],), (tangent,))
+        _, got = torch.func.jvp(lambda x: call(itvm_residual_loss, x, backend="cpu"), (tensors[which],), (tangent,))
     else:
         with fwAD.dual_level():
-            got = fwAD.unpack_dual(loss_of(fwAD.make_dual(tensors[0], tangent))).tangent
+            dual = fwAD.make_dual(tensors[which], tangent)
+            got = fwAD.unpack_dual(call(itvm_residual_loss, dual, backend="cpu")).tangent
     assert_nontrivial(got)
     assert_close_to_ref(got, expected, name="loss tangent")
 
@@ -239,3 +239,18 @@ def test_flow_map_step_bad_out_is_rejected_before_writing():
     with pytest.raises(TypeError, match="out"):
         flow_map_step(x, x, torch.zeros(2), torch.ones(2), out=out)
     assert out.eq(0).all()
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_under_torch_compile():
+    tensors, coef, w = make_inputs((2, 3, 4))
+
+    def step(loss_fn, u_st, u_ss, **kw):
+        loss = loss_fn(u_st, u_ss, *tensors[2:], coef, weight=w, **kw)
+        return (loss, *torch.autograd.grad(loss, [u_st, u_ss]))
+
+    compiled = torch.compile(step, backend="aot_eager")
+    got = compiled(itvm_residual_loss, *(x.clone().requires_grad_() for x in tensors[:2]), backend="cpu")
+    ref = step(itvm_residual_loss_reference, *(x.clone().requires_grad_() for x in tensors[:2]))
+    for name, a, r in zip(("loss", "grad u_st", "grad u_ss"), got, ref, strict=True):
+        assert_close_to_ref(a, r.float(), name=name)

@@ -175,7 +175,7 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
             raise ValueError(f"{name} requires grad, but it is a stop-gradient target: pass {name}.detach() "
                              "(gradients flow only to u_st and u_ss)")
     name = _RESIDUAL.select(backend, u_st.device, u_st.dtype)
-    if name == "reference" or _has_tangent(u_st, u_ss):
+    if name == "reference" or _has_tangent(u_st, u_ss, v_s, target_a, target_b, coef, weight):
         return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, weight=weight,
                                             lambda_init=lambda_init, lambda_term=lambda_term, reduction=reduction)
     acc = torch.promote_types(u_st.dtype, torch.float32)
