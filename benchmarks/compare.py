@@ -29,6 +29,7 @@ def load_results(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]
     machine = data.get("machine_info", {})
     facts = {k: machine.get("ttfm", {}).get(k) for k in MACHINE_KEYS}
     facts["cpu"] = machine.get("cpu", {}).get("brand_raw")
+    facts["loadavg_1m"] = machine.get("ttfm", {}).get("loadavg_1m")
     cases: dict[str, dict[str, Any]] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
@@ -85,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     base = json.loads(args.baseline.read_text())
+    for label, info in (("this run", facts), ("the baseline", base["machine_info"])):
+        load, cores = info.get("loadavg_1m"), info.get("cpu_count")
+        if load is not None and cores and load > cores:
+            print(f"warning: {label} ran at load {load:.1f} on {cores} cores: its timings are unreliable")
     for key, value in facts.items():
+        if key == "loadavg_1m":
+            continue
         if base["machine_info"].get(key) != value:
             print(f"warning: {key} differs from the baseline: {base['machine_info'].get(key)!r} -> {value!r}")
     regressions = compare(results, base["cases"], args.threshold, args.metric)

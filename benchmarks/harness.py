@@ -94,6 +94,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # Above the core count, threads wait on descheduled peers: a 2-thread eager op ran 5x slower at load 8.
+        "loadavg_1m": os.getloadavg()[0],
     }
     try:
         import triton

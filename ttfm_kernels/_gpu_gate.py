@@ -103,12 +103,22 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
+def _jit(kernel):
+    """The @triton.jit function under any @triton.autotune / @triton.heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
+
+
 def _source(config: TritonConfig):
     """The ASTSource of a configuration, specialised the way a GPU launch specialises it."""
     from triton.compiler import ASTSource
 
+    kernel = _jit(config.kernel)
     names = list(config.signature)
-    arg_names = list(getattr(config.kernel, "arg_names", names))
+    arg_names = list(getattr(kernel, "arg_names", names))
     if names != arg_names:
         raise ValueError(f"signature must name every kernel argument in order: {arg_names}, got {names}")
     constexprs = {n for n, t in config.signature.items() if t == "constexpr"}
@@ -121,7 +131,7 @@ def _source(config: TritonConfig):
     aligned = {i for i, (n, t) in enumerate(config.signature.items())
                if t.startswith("*") or n in config.divisible_by_16}
     attrs = {(i,): [["tt.divisibility", 16]] for i in sorted(aligned)}
-    return ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
+    return ASTSource(fn=kernel, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
 
 
 def compile_one(config: TritonConfig, arch: int) -> Result:
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         modules, missing = [importlib.import_module(m).__name__ for m in args.module], []
     else:  # every discovered ops/<op>/triton.py must register its kernels, or the gate checks nothing of it
         modules = discover()
-        missing = [m for m in modules if not any(c.kernel.__module__ == m for c in GPU_CONFIGS)]
+        missing = [m for m in modules if not any(_jit(c.kernel).__module__ == m for c in GPU_CONFIGS)]
     work = [(i, arch) for i, c in enumerate(GPU_CONFIGS) if fnmatch.fnmatch(c.name, args.only or "*")
             for arch in args.arch]
     if args.jobs > 1 and len(work) > 1:  # fork: the workers inherit the imported kernels and the registry
