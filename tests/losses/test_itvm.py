@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from tests.flow_models import DTYPE, TwoTimeNet, VelocityNet, gaussian_case
-from ttfm_kernels import EMA, GuidedTeacher, TimeSampler, itvm_loss, jvp_t, sample
+from ttfm_kernels import EMA, GuidedTeacher, TimeSampler, _ext, itvm_loss, jvp_t, sample
+from ttfm_kernels.testing import assert_close_to_ref
 
 EXACT = 1e-26  # fp64 losses of the exact map: ~1e-32 measured (squares of ~1e-16 rounding errors)
 
@@ -173,3 +174,24 @@ def test_training_on_the_analytic_case_reduces_the_loss():
         ema.update(student)
     end = float(itvm_loss(student, teacher, student, x1, **eval_batch)[0])
     assert end < 0.5 * start, (start, end)
+
+
+@pytest.mark.skipif(not _ext.has_kernel("itvm_residual_loss_fwd", "CPU"), reason="compiled CPU kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("target", ["jvp", "euler", "fd"])
+def test_compiled_residual_backend_matches_the_reference(target, dtype):
+    """itvm_loss through the C++ residual kernel (value and student gradient) equals the reference path."""
+    student, teacher = TwoTimeNet(3).to(dtype), VelocityNet(3).to(dtype)
+    x1 = torch.randn(8, 3, dtype=dtype)
+    s = torch.rand(8, dtype=dtype) * 0.5
+    batch = {"x0": torch.randn_like(x1), "s": s, "t": s + 0.4, "weight": torch.rand(8, dtype=dtype),
+             "target": target, "terminal_init": target == "fd"}
+    results = []
+    for backend in ("reference", "cpu"):
+        student.zero_grad()
+        loss, _ = itvm_loss(student, teacher, student, x1, backend=backend, **batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.net.parameters()]))
+    assert_close_to_ref(results[1][0], results[0][0], name="loss")
+    for got, ref in zip(results[1][1], results[0][1], strict=True):
+        assert_close_to_ref(got, ref, name="gradient")
