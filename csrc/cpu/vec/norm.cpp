@@ -1,0 +1,252 @@
+// CPU kernel of the modulated norm op and its JVP (MATH.md section 6), vectorized with at::vec.
+//
+// One "row" is what one set of statistics covers: a row of C features (LayerNorm, num_groups == 0, x viewed
+// as (B, N, C)) or one group of C/G channels x HW positions (GroupNorm, x (B, C, HW)). Rows run in parallel;
+// each row is read from memory once (the statistics passes re-read it from cache) and y, ty written once.
+// Per element everything is affine in x and tx with per-(sample, channel) coefficients:
+//   y = A x + B,   ty = A tx + D x + E,   then z = y sigmoid(y), tz = ty sigmoid(y) (1 + y (1 - sigmoid(y)))
+// The small parameters (weight, bias, scale, shift, tscale, tshift) arrive in the accumulation type
+// (float, or double for double inputs), contiguous; the wrapper fills absent ones with 1 / 0.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace ttfm {
+namespace {
+
+using at::vec::Vectorized;
+
+struct RowStats {
+  double mean, rstd, tmean, txh;  // mean, 1/sd, mean(tx), mean(xh * tx)
+};
+
+// Statistics of one row of n elements (two passes over cache-resident data, exact centred sums).
+template <typename T>
+RowStats row_stats(const T* x, const T* tx, int64_t n, double eps) {
+  using Vec = Vectorized<T>;
+  const int64_t V = Vec::size();
+  const int64_t nv = n - n % V;
+  Vec sx(0), st(0);
+  for (int64_t i = 0; i < nv; i += V) {
+    sx += Vec::loadu(x + i);
+    if (tx) st += Vec::loadu(tx + i);
+  }
+  T sum_x = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sx);
+  T sum_t = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, st);
+  for (int64_t i = nv; i < n; ++i) {
+    sum_x += x[i];
+    if (tx) sum_t += tx[i];
+  }
+  const T mean = sum_x / static_cast<T>(n);
+  const Vec vmean(mean);
+  Vec sq(0), cr(0);
+  for (int64_t i = 0; i < nv; i += V) {
+    const Vec c = Vec::loadu(x + i) - vmean;
+    sq = at::vec::fmadd(c, c, sq);
+    if (tx) cr = at::vec::fmadd(c, Vec::loadu(tx + i), cr);
+  }
+  T sum_sq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sq);
+  T sum_cr = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, cr);
+  for (int64_t i = nv; i < n; ++i) {
+    const T c = x[i] - mean;
+    sum_sq += c * c;
+    if (tx) sum_cr += c * tx[i];
+  }
+  const double rstd = 1.0 / std::sqrt(static_cast<double>(sum_sq) / n + eps);
+  return {static_cast<double>(mean), rstd, static_cast<double>(sum_t) / n, rstd * static_cast<double>(sum_cr) / n};
+}
+
+// Coefficients A, B, D, E of one channel (scalars, or vectors of channels for LayerNorm rows).
+template <typename V>
+struct Coeffs {
+  V a, b, d, e;
+};
+
+template <typename V, typename T>
+Coeffs<V> coeffs(V w, V bias, V scale, V shift, V tscale, V tshift, const RowStats& st) {
+  const V mean(static_cast<T>(st.mean)), rstd(static_cast<T>(st.rstd));
+  const V tmean(static_cast<T>(st.tmean)), txh(static_cast<T>(st.txh)), one(static_cast<T>(1));
+  const V wr = w * rstd;          // d(norm affine)/dx
+  const V a = wr * (one + scale);  // dy/dx
+  const V p0 = bias - wr * mean;   // the norm affine at x = 0
+  // ty = a (tx - tmean - xh txh) + (wr (x - mean) + bias) tscale + tshift, expanded in x and tx.
+  const V d = wr * tscale - a * rstd * txh;
+  const V e = a * (rstd * txh * mean - tmean) + p0 * tscale + tshift;
+  return {a, p0 * (one + scale) + shift, d, e};
+}
+
+// y (and ty) for n elements sharing coefficient vectors (broadcast scalars for GroupNorm).
+template <typename T, bool HasTx, bool HasTy, bool Silu>
+inline void apply(const Coeffs<Vectorized<T>>& c, const T* x, const T* tx, T* y, T* ty, int64_t count) {
+  using Vec = Vectorized<T>;
+  const Vec xv = Vec::loadu(x, count);
+  Vec yv = at::vec::fmadd(c.a, xv, c.b);
+  Vec tyv;
+  if constexpr (HasTy) {
+    tyv = at::vec::fmadd(c.d, xv, c.e);
+    if constexpr (HasTx) tyv = at::vec::fmadd(c.a, Vec::loadu(tx, count), tyv);
+  }
+  if constexpr (Silu) {
+    const Vec one(static_cast<T>(1));
+    const Vec sig = one / (one + yv.neg().exp());
+    if constexpr (HasTy) tyv = tyv * sig * at::vec::fmadd(yv, one - sig, one);
+    yv = yv * sig;
+  }
+  yv.store(y, count);
+  if constexpr (HasTy) tyv.store(ty, count);
+}
+
+struct Params {
+  const void* w;
+  const void* b;
+  const void* s;
+  const void* sh;
+  const void* ts;
+  const void* tsh;
+};
+
+// One row: statistics, then y/ty. LayerNorm rows vectorize over channels, GroupNorm rows over positions.
+template <typename T, bool HasTx, bool HasTy, bool Silu>
+void row_kernel(const T* x, const T* tx, T* y, T* ty, int64_t len, int64_t hw, int64_t ch0, int64_t sample,
+                int64_t channels, bool layer_norm, const Params& p, double eps) {
+  using Vec = Vectorized<T>;
+  const int64_t V = Vec::size();
+  const RowStats st = row_stats<T>(x, HasTx ? tx : nullptr, len, eps);
+  const T* w = static_cast<const T*>(p.w);
+  const T* b = static_cast<const T*>(p.b);
+  const int64_t off = sample * channels;
+  const T* s = static_cast<const T*>(p.s) + off;
+  const T* sh = static_cast<const T*>(p.sh) + off;
+  const T* ts = static_cast<const T*>(p.ts) + off;
+  const T* tsh = static_cast<const T*>(p.tsh) + off;
+  if (layer_norm) {
+    for (int64_t c = 0; c < len; c += V) {
+      const int64_t n = std::min(V, len - c);
+      const Coeffs<Vec> k = coeffs<Vec, T>(Vec::loadu(w + c, n), Vec::loadu(b + c, n), Vec::loadu(s + c, n),
+                                           Vec::loadu(sh + c, n), Vec::loadu(ts + c, n), Vec::loadu(tsh + c, n), st);
+      apply<T, HasTx, HasTy, Silu>(k, x + c, HasTx ? tx + c : nullptr, y + c, HasTy ? ty + c : nullptr, n);
+    }
+    return;
+  }
+  for (int64_t cg = 0; cg * hw < len; ++cg) {
+    const int64_t c = ch0 + cg;
+    const Coeffs<T> k1 = coeffs<T, T>(w[c], b[c], s[c], sh[c], ts[c], tsh[c], st);
+    const Coeffs<Vec> k{Vec(k1.a), Vec(k1.b), Vec(k1.d), Vec(k1.e)};
+    const int64_t base = cg * hw;
+    for (int64_t i = 0; i < hw; i += V) {
+      const int64_t n = std::min(V, hw - i);
+      apply<T, HasTx, HasTy, Silu>(k, x + base + i, HasTx ? tx + base + i : nullptr, y + base + i, HasTy ? ty + base + i : nullptr, n);
+    }
+  }
+}
+
+template <typename T>
+using RowFn = void (*)(const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const Params&,
+                       double);
+
+template <typename T>
+RowFn<T> pick_row_fn(bool has_tx, bool has_ty, bool silu) {
+  // has_tx implies has_ty (a tangent input always produces a tangent output).
+  if (has_tx) return silu ? &row_kernel<T, true, true, true> : &row_kernel<T, true, true, false>;
+  if (has_ty) return silu ? &row_kernel<T, false, true, true> : &row_kernel<T, false, true, false>;
+  return silu ? &row_kernel<T, false, false, true> : &row_kernel<T, false, false, false>;
+}
+
+struct RowLayout {
+  int64_t len, hw, rows_per_sample, ch_per_row, channels;
+  bool layer_norm;
+};
+
+// All rows, in parallel. Reduced-precision rows are widened into per-chunk scratch buffers (allocated once
+// per chunk, never per row).
+template <typename scalar_t>
+void run_rows(const scalar_t* xp, const scalar_t* txp, scalar_t* yp, scalar_t* typ, int64_t rows, const RowLayout& l,
+              const Params& params, double eps, bool silu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowFn<acc_t> fn = pick_row_fn<acc_t>(txp != nullptr, typ != nullptr, silu);
+  const int64_t len = l.len;
+  const int64_t grain = std::max<int64_t>(1, 32768 / len);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : 4 * len);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * len;
+      const int64_t sample = r / l.rows_per_sample;
+      const int64_t ch0 = (r % l.rows_per_sample) * l.ch_per_row;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        fn(xp + base, txp ? txp + base : nullptr, yp + base, typ ? typ + base : nullptr, len, l.hw, ch0, sample,
+           l.channels, l.layer_norm, params, eps);
+      } else {
+        acc_t *xb = buf.data(), *tb = xb + len, *yb = tb + len, *tyb = yb + len;
+        at::vec::convert(xp + base, xb, len);
+        if (txp) at::vec::convert(txp + base, tb, len);
+        fn(xb, txp ? tb : nullptr, yb, typ ? tyb : nullptr, len, l.hw, ch0, sample, l.channels, l.layer_norm, params,
+           eps);
+        at::vec::convert(yb, yp + base, len);
+        if (typ) at::vec::convert(tyb, typ + base, len);
+      }
+    }
+  });
+}
+
+void norm_modulate_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& tx, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& scale, const at::Tensor& shift,
+                           const at::Tensor& tscale, const at::Tensor& tshift, int64_t num_groups, double eps,
+                           bool silu, at::Tensor& y, const std::optional<at::Tensor>& ty) {
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "ttfm::norm_modulate_jvp: x and y must be contiguous");
+  TORCH_CHECK(!tx || (tx->is_contiguous() && tx->sizes() == x.sizes() && tx->scalar_type() == x.scalar_type()),
+              "ttfm::norm_modulate_jvp: tx must be contiguous and like x");
+  TORCH_CHECK(!ty || (ty->is_contiguous() && ty->sizes() == x.sizes()), "ttfm::norm_modulate_jvp: ty must be like x");
+  TORCH_CHECK(!tx || ty, "ttfm::norm_modulate_jvp: a tangent input needs a ty output");
+  const bool layer_norm = num_groups == 0;
+  TORCH_CHECK(layer_norm ? x.dim() == 3 : x.dim() == 4, "ttfm::norm_modulate_jvp: x must be (B, N, C) or (B, C, H, W)");
+  const int64_t batch = x.size(0);
+  const int64_t channels = layer_norm ? x.size(2) : x.size(1);
+  TORCH_CHECK(layer_norm || channels % num_groups == 0, "ttfm::norm_modulate_jvp: num_groups must divide C");
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&weight, &bias}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->numel() == channels,
+                "ttfm::norm_modulate_jvp: weight/bias must be contiguous (C,) in the accumulation dtype");
+  }
+  for (const at::Tensor* t : {&scale, &shift, &tscale, &tshift}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->numel() == batch * channels,
+                "ttfm::norm_modulate_jvp: scale/shift/tscale/tshift must be contiguous (B, C) in the accumulation dtype");
+  }
+  const int64_t rows = layer_norm ? x.numel() / channels : batch * num_groups;
+  const int64_t len = x.numel() / rows;
+  const int64_t rows_per_sample = rows / batch;
+  const int64_t hw = layer_norm ? 1 : x.numel() / (batch * channels);
+  const int64_t ch_per_row = layer_norm ? 0 : channels / num_groups;
+  const Params params{weight.const_data_ptr(), bias.const_data_ptr(), scale.const_data_ptr(),
+                      shift.const_data_ptr(), tscale.const_data_ptr(), tshift.const_data_ptr()};
+  const bool has_tx = tx.has_value(), has_ty = ty.has_value();
+
+  const RowLayout layout{len, hw, rows_per_sample, ch_per_row, channels, layer_norm};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_modulate_jvp_cpu", [&] {
+    run_rows<scalar_t>(x.const_data_ptr<scalar_t>(), has_tx ? tx->const_data_ptr<scalar_t>() : nullptr,
+                       y.mutable_data_ptr<scalar_t>(), has_ty ? ty->mutable_data_ptr<scalar_t>() : nullptr, rows,
+                       layout, params, eps, silu);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ttfm, m) {
+  m.def(
+      "norm_modulate_jvp(Tensor x, Tensor? tx, Tensor weight, Tensor bias, Tensor scale, Tensor shift, "
+      "Tensor tscale, Tensor tshift, int num_groups, float eps, bool silu, Tensor(a!) y, Tensor(b!)? ty) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ttfm, CPU, m) {
+  m.impl("norm_modulate_jvp", &norm_modulate_jvp_cpu);
+}
+
+}  // namespace ttfm

@@ -1,0 +1,199 @@
+"""Public entry points of the modulated norm op: validation, backend dispatch, autograd and forward AD.
+
+``jvp_norm_modulate_silu`` takes explicit tangents and returns (y, ty) (MATH.md section 6);
+``norm_modulate_silu`` is the same op for forward-mode AD (``torch.func.jvp`` / ``forward_ad``): it reads the
+tangents off its dual inputs and attaches ty to y. Backends: "reference" (``reference.py``), "cpu"
+(``csrc/cpu/vec/norm.cpp``) and "triton" (``triton.py``; GPU, or CPU under ``TRITON_INTERPRET=1``).
+
+With tangents, ONE kernel call produces y and ty; both are differentiable, and the backward recomputes
+from the explicit reference formula (TOOLCHAIN.md, "Forward-mode AD: the pattern"). Without tangents the
+op is torch's own norm + modulation + SiLU when a graph is needed, else the kernel without its tangent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ttfm_kernels import _alloc
+from ttfm_kernels._checks import check_float, check_like
+from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
+from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
+
+__all__ = ["jvp_norm_modulate_silu", "norm_modulate_silu"]
+
+_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = OpBackends("jvp_norm_modulate_silu", {
+    "reference": always,
+    "cpu": ext_kernel("norm_modulate_jvp", "CPU", _FLOAT),
+    "triton": triton_kernel(),
+}, gpu_order=("triton",))
+_ACTIVATIONS = ("silu", None)
+Opt = torch.Tensor | None
+
+
+def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str, x: torch.Tensor) -> None:
+    """Raise unless ``t`` is a floating tensor of ``shape`` with x's dtype and device."""
+    check_float(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {layout} = {shape} for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(t.shape)}")
+    check_like(name, t, "x", x, shape=False)
+
+
+def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, num_groups: int | None,
+              weight: Opt, bias: Opt, activation: str | None) -> None:
+    check_float("x", x, _FLOAT)
+    if num_groups is None:
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (B, N, C) for LayerNorm (num_groups=None), got {tuple(x.shape)}")
+        channels = x.shape[2]
+    else:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be None (LayerNorm) or a positive int, got {num_groups!r}")
+        if x.dim() != 4:
+            raise ValueError(f"x must have shape (B, C, H, W) for GroupNorm (num_groups={num_groups}), "
+                             f"got {tuple(x.shape)}")
+        channels = x.shape[1]
+        if channels % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide the channels C={channels} of x")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if tx is not None:
+        check_like("tx", tx, "x", x)
+    for name, t in (("scale", scale), ("shift", shift), ("tscale", tscale), ("tshift", tshift)):
+        if t is not None:
+            _check_sized(name, t, (x.shape[0], channels), "(B, C)", x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_sized(name, t, (channels,), "(C,)", x)
+            if fwAD.unpack_dual(t).tangent is not None:
+                raise ValueError(f"{name} carries a forward-AD tangent: a JVP with respect to the norm's "
+                                 "parameters is not supported (MATH.md section 6)")
+
+
+def _run_kernel(name: str, x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
+                num_groups: int | None, weight: Opt, bias: Opt, eps: float, silu: bool,
+                want_ty: bool) -> tuple[torch.Tensor, Opt]:
+    """Launch the "cpu" or "triton" kernel: y (and ty when ``want_ty``) in x's dtype, x's layout."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    batch = x.shape[0]
+    channels = x.shape[2] if num_groups is None else x.shape[1]
+
+    def param(t: Opt, shape: tuple[int, ...], fill: float) -> torch.Tensor:
+        if t is None:
+            return torch.full(shape, fill, dtype=acc, device=x.device)
+        return t.detach().to(acc).contiguous()
+
+    w, b = param(weight, (channels,), 1.0), param(bias, (channels,), 0.0)
+    s, sh = param(scale, (batch, channels), 0.0), param(shift, (batch, channels), 0.0)
+    ts, tsh = param(tscale, (batch, channels), 0.0), param(tshift, (batch, channels), 0.0)
+    xc = x.detach().contiguous()
+    txc = None if tx is None else tx.detach().contiguous()
+    y = _alloc.empty_like(xc)
+    ty = _alloc.empty_like(xc) if want_ty else None
+    groups = 0 if num_groups is None else num_groups
+    if name == "cpu":
+        torch.ops.ttfm.norm_modulate_jvp(xc, txc, w, b, s, sh, ts, tsh, groups, float(eps), silu, y, ty)
+    else:
+        from ttfm_kernels.ops.norm.triton import norm_modulate_jvp_triton
+
+        norm_modulate_jvp_triton(xc, txc, w, b, s, sh, ts, tsh, groups, float(eps), silu, y, ty)
+    return y, ty
+
+
+class _NormModulateJvpFn(torch.autograd.Function):
+    """(y, ty) from one kernel launch; backward recomputes both from the reference formula."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, weight: Opt, bias: Opt,
+                num_groups: int | None, eps: float, activation: str | None,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _run_kernel(backend, x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps,
+                           activation == "silu", want_ty=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:8])
+        ctx.options = inputs[8:11]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor, gty: torch.Tensor):
+        saved = ctx.saved_tensors
+        num_groups, eps, activation = ctx.options
+        wanted = ctx.needs_input_grad[:8]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, wanted)]
+            x, tx, scale, shift, tscale, tshift, weight, bias = inputs
+            y, ty = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
+                                                weight=weight, bias=bias, eps=eps, activation=activation)
+            leaves = [t for t, need in zip(inputs, wanted) if need]
+            grads = iter(torch.autograd.grad((y, ty), leaves, (gy, gty), allow_unused=True,
+                                             create_graph=torch.is_grad_enabled()) if leaves else ())
+        # Inside backward, grad mode is on exactly when a double backward was asked for (create_graph).
+        return (*(next(grads) if need else None for need in wanted), None, None, None, None)
+
+
+def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
+                   num_groups: int | None, weight: Opt, bias: Opt, eps: float, activation: str | None,
+                   backend: str) -> tuple[torch.Tensor, Opt]:
+    """Dispatch validated inputs (no forward-AD tangents on them) to a backend: (y, ty or None)."""
+    name = _BACKENDS.select(backend, x.device, x.dtype)
+    has_tangent = any(t is not None for t in (tx, tscale, tshift))
+    if name == "reference":
+        return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
+                                           weight=weight, bias=bias, eps=eps, activation=activation)
+    if has_tangent:
+        return _NormModulateJvpFn.apply(x, tx, scale, shift, tscale, tshift, weight, bias, num_groups, eps,
+                                        activation, name)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, shift, weight, bias)):
+        return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                                   activation=activation), None
+    return _run_kernel(name, x, None, scale, shift, None, None, num_groups, weight, bias, eps,
+                       activation == "silu", want_ty=False)
+
+
+def _has_dual(*tensors: Opt) -> bool:
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, shift: Opt = None,
+                           tscale: Opt = None, tshift: Opt = None, *, num_groups: int | None = None,
+                           weight: Opt = None, bias: Opt = None, eps: float = 1e-5,
+                           activation: str | None = "silu", backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """Fused norm + modulation + SiLU and its JVP with explicit tangents (MATH.md section 6).
+
+    x, tx: (B, N, C) with ``num_groups=None`` (LayerNorm over C), or (B, C, H, W) with ``num_groups=G``
+    (GroupNorm, G dividing C); scale, shift, tscale, tshift: (B, C); weight, bias: (C,) (the norm's affine,
+    no tangent). All of x's dtype (float64/32/16, bfloat16) and device; any of them may be None.
+    Returns (y, ty) in x's dtype; ty is None when every tangent is None. Eager equivalent::
+
+        y = silu((F.layer_norm(x, (C,), weight, bias, eps) * (1 + scale[:, None]) + shift[:, None]))
+        ty = the JVP of that with tangents (tx, tscale, tshift)   # GroupNorm: F.group_norm, scale[..., None, None]
+
+    ``activation=None`` drops the SiLU. y and ty are differentiable in every input (gradients through the
+    tangent included). Statistics are accumulated in float32 (float64 for float64 inputs).
+    """
+    _validate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, activation)
+    if _has_dual(x, tx, scale, shift, tscale, tshift):
+        backend = "reference"  # nested forward AD through the explicit API: the plain formula carries it
+    return _norm_modulate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
+
+
+def norm_modulate_silu(x: torch.Tensor, scale: Opt = None, shift: Opt = None, *, num_groups: int | None = None,
+                       weight: Opt = None, bias: Opt = None, eps: float = 1e-5, activation: str | None = "silu",
+                       backend: str = "auto") -> torch.Tensor:
+    """y = act((norm(x) * weight + bias) * (1 + scale) + shift), forward-AD aware (shapes as in
+    ``jvp_norm_modulate_silu``).
+
+    Forward-mode tangents on x, scale and shift (``torch.func.jvp`` or ``torch.autograd.forward_ad``) go through
+    ONE fused kernel call and come back attached to y; without them this is a plain differentiable op.
+    """
+    xp, tx = fwAD.unpack_dual(x)
+    sp, tscale = fwAD.unpack_dual(scale) if scale is not None else (None, None)
+    shp, tshift = fwAD.unpack_dual(shift) if shift is not None else (None, None)
+    _validate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, activation)
+    y, ty = _norm_modulate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
+    return y if ty is None else fwAD.make_dual(y, ty)
