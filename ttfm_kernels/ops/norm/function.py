@@ -125,11 +125,11 @@ class _NormModulateJvpFn(torch.autograd.Function):
         num_groups, eps, activation = ctx.options
         wanted = ctx.needs_input_grad[:8]
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, wanted)]
+            inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, wanted, strict=True)]
             x, tx, scale, shift, tscale, tshift, weight, bias = inputs
             y, ty = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
                                                 weight=weight, bias=bias, eps=eps, activation=activation)
-            leaves = [t for t, need in zip(inputs, wanted) if need]
+            leaves = [t for t, need in zip(inputs, wanted, strict=True) if need]
             grads = iter(torch.autograd.grad((y, ty), leaves, (gy, gty), allow_unused=True,
                                              create_graph=torch.is_grad_enabled()) if leaves else ())
         # Inside backward, grad mode is on exactly when a double backward was asked for (create_graph).
