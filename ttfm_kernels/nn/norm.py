@@ -29,12 +29,8 @@ class _ModulatedNorm(nn.Module):
         self.eps = eps
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(channels, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(channels, **factory)) if affine and bias else None
-        if self.weight is None:
-            self.register_parameter("weight", None)
-        if self.bias is None:
-            self.register_parameter("bias", None)
+        self.register_parameter("weight", nn.Parameter(torch.ones(channels, **factory)) if affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(channels, **factory)) if affine and bias else None)
 
     def _options(self) -> dict:
         return {"num_groups": self.num_groups, "weight": self.weight, "bias": self.bias, "eps": self.eps,

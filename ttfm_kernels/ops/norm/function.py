@@ -125,7 +125,8 @@ class _NormModulateJvpFn(torch.autograd.Function):
         num_groups, eps, activation = ctx.options
         wanted = ctx.needs_input_grad[:8]
         with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, wanted, strict=True)]
+            inputs = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip(saved, wanted, strict=True)]
             x, tx, scale, shift, tscale, tshift, weight, bias = inputs
             y, ty = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
                                                 weight=weight, bias=bias, eps=eps, activation=activation)
