@@ -19,6 +19,7 @@ PUBLIC = {
     "itvm_loss",
     "itvm_residual_loss",
     "jvp_attention",
+    "jvp_norm_modulate_silu",
     "jvp_sx",
     "jvp_t",
     "lfmd_loss",

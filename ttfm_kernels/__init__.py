@@ -10,6 +10,7 @@ from ttfm_kernels.flow import EMA, GuidedTeacher, TimeSampler, flow_map, ode_sol
 from ttfm_kernels.jvp import jvp_sx, jvp_t
 from ttfm_kernels.losses import emd_loss, flow_matching_loss, itvm_loss, lfmd_loss, progressive_loss
 from ttfm_kernels.ops.attention import attention, jvp_attention, patch_sdpa
+from ttfm_kernels.ops.norm import jvp_norm_modulate_silu
 from ttfm_kernels.ops.residual import flow_map_step, itvm_residual_loss
 
 _ext.load()
@@ -28,6 +29,7 @@ __all__ = [
     "itvm_loss",
     "itvm_residual_loss",
     "jvp_attention",
+    "jvp_norm_modulate_silu",
     "jvp_sx",
     "jvp_t",
     "lfmd_loss",
