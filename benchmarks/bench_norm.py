@@ -1,0 +1,90 @@
+"""Fused norm + modulation + SiLU JVP (C++ CPU kernel) and stacked conv tangents against torch.func.jvp.
+
+The eager baseline is what a model built from torch modules pays under ``torch.func.jvp``: nn.GroupNorm /
+nn.LayerNorm, the (1 + scale) / shift modulation and SiLU, each with its own forward-AD rule. Tangents on x,
+scale and shift (the jvp_t case: the time embedding drives scale and shift). No graph is kept (the ITVM EMA
+JVP runs under no_grad).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttfm_kernels import jvp_norm_modulate_silu
+from ttfm_kernels import nn as tnn
+from ttfm_kernels.testing import assert_close_to_ref
+
+# (label, num_groups, shape): the two block types of the issue, CPU fp32.
+CASES = [
+    ("GN32 FiLM SiLU B8 C128 32x32", 32, (8, 128, 32, 32)),
+    ("LN adaLN SiLU B8 N256 C384", None, (8, 256, 384)),
+]
+
+
+def _inputs(num_groups: int | None, shape: tuple[int, ...]):
+    channels = shape[-1] if num_groups is None else shape[1]
+    x, tx = torch.randn(shape), torch.randn(shape)
+    scale, shift, tscale, tshift = (0.5 * torch.randn(shape[0], channels) for _ in range(4))
+    norm = nn.GroupNorm(num_groups, channels) if num_groups is not None else nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(channels))
+        norm.bias.add_(0.1 * torch.randn(channels))
+    return norm, (x, scale, shift), (tx, tscale, tshift)
+
+
+def _eager_block(norm: nn.Module, num_groups: int | None):
+    view = (lambda p: p[:, None]) if num_groups is None else (lambda p: p[:, :, None, None])
+    return lambda x, scale, shift: F.silu(norm(x) * (1 + view(scale)) + view(shift))
+
+
+@pytest.mark.parametrize(("label", "num_groups", "shape"), CASES, ids=[c[0] for c in CASES])
+def test_jvp_norm_modulate_silu_cpu(compare, label: str, num_groups: int | None, shape: tuple[int, ...]) -> None:
+    norm, primals, tangents = _inputs(num_groups, shape)
+    block = _eager_block(norm, num_groups)
+    (x, scale, shift), (tx, tscale, tshift) = primals, tangents
+
+    @torch.no_grad()
+    def eager():
+        return torch.func.jvp(block, primals, tangents)
+
+    @torch.no_grad()
+    def fused():
+        return jvp_norm_modulate_silu(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
+                                      weight=norm.weight, bias=norm.bias, backend="cpu")
+
+    def check() -> None:
+        y_ref, ty_ref = eager()
+        y, ty = fused()
+        assert_close_to_ref(y, y_ref, name="y")
+        assert_close_to_ref(ty, ty_ref, name="ty")
+
+    res = compare(case=f"jvp_norm_modulate_silu cpu {label} fp32", fns={"eager": eager, "fused": fused},
+                  baseline="eager", check=check, rounds=20)
+    assert res.speedup("fused") >= 4.0
+
+
+def test_conv2d_stacked_tangent_cpu(compare) -> None:
+    """Conv2d(128, 128, 3) JVP: one convolution of [x; tx] against torch's forward-AD rule (report the ratio)."""
+    ref = nn.Conv2d(128, 128, 3, padding=1)
+    conv = tnn.Conv2d(128, 128, 3, padding=1)
+    conv.load_state_dict(ref.state_dict())
+    x, tx = torch.randn(8, 128, 32, 32), torch.randn(8, 128, 32, 32)
+
+    @torch.no_grad()
+    def eager():
+        return torch.func.jvp(ref, (x,), (tx,))
+
+    @torch.no_grad()
+    def stacked():
+        return torch.func.jvp(conv, (x,), (tx,))
+
+    def check() -> None:
+        (y_ref, ty_ref), (y, ty) = eager(), stacked()
+        assert_close_to_ref(y, y_ref, name="y")
+        assert_close_to_ref(ty, ty_ref, name="ty")
+
+    compare(case="conv2d_jvp cpu C128 k3 B8 32x32 fp32 stacked", fns={"eager": eager, "stacked": stacked},
+            baseline="eager", check=check, rounds=10)
