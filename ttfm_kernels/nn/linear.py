@@ -34,36 +34,52 @@ def _stacked(op, x: torch.Tensor, tx: torch.Tensor, bias: torch.Tensor | None, b
     return y, ty
 
 
-class Conv2d(nn.Conv2d):
-    """``torch.nn.Conv2d`` with a fused forward-mode tangent (one convolution of [x; tx])."""
+class _StackedTangent:
+    """forward / forward_jvp of a layer linear in its input: the tangent rides along in the primal's call."""
+
+    _bias_shape: tuple[int, ...]  # how the (out,) bias broadcasts against the output
+
+    def _bias_free(self, inp: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _batched(self, x: torch.Tensor) -> bool:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, tx = fwAD.unpack_dual(x)
         if tx is None or _has_tangent(self.weight, self.bias):
             return super().forward(x)
-        y, ty = self.forward_jvp(xp, tx)
-        return fwAD.make_dual(y, ty)
+        return fwAD.make_dual(*self.forward_jvp(xp, tx))
 
     def forward_jvp(self, x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(conv(x), conv(tx) without bias) in one call; x, tx: (B, C_in, H, W) or (C_in, H, W)."""
+        """(layer(x), layer(tx) without bias) in one call; tx None gives (layer(x), None)."""
         if tx is None:
             return super().forward(x), None
-        return _stacked(lambda inp: self._conv_forward(inp, self.weight, None), x, tx, self.bias, x.dim() == 4,
-                        (-1, 1, 1))
+        return _stacked(self._bias_free, x, tx, self.bias, self._batched(x), self._bias_shape)
 
 
-class Linear(nn.Linear):
-    """``torch.nn.Linear`` with a fused forward-mode tangent (one matmul of [x; tx])."""
+class Conv2d(_StackedTangent, nn.Conv2d):
+    """``torch.nn.Conv2d`` with a fused forward-mode tangent (one convolution of [x; tx]).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp, tx = fwAD.unpack_dual(x)
-        if tx is None or _has_tangent(self.weight, self.bias):
-            return super().forward(x)
-        y, ty = self.forward_jvp(xp, tx)
-        return fwAD.make_dual(y, ty)
+    x: (B, C_in, H, W) or unbatched (C_in, H, W).
+    """
 
-    def forward_jvp(self, x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(linear(x), tx @ weight.T) in one call; x, tx: (..., in_features)."""
-        if tx is None:
-            return super().forward(x), None
-        return _stacked(lambda inp: F.linear(inp, self.weight), x, tx, self.bias, x.dim() >= 2, (-1,))
+    _bias_shape = (-1, 1, 1)
+
+    def _bias_free(self, inp: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(inp, self.weight, None)
+
+    def _batched(self, x: torch.Tensor) -> bool:
+        return x.dim() == 4
+
+
+class Linear(_StackedTangent, nn.Linear):
+    """``torch.nn.Linear`` with a fused forward-mode tangent (one matmul of [x; tx]). x: (..., in_features)."""
+
+    _bias_shape = (-1,)
+
+    def _bias_free(self, inp: torch.Tensor) -> torch.Tensor:
+        return F.linear(inp, self.weight)
+
+    def _batched(self, x: torch.Tensor) -> bool:
+        return x.dim() >= 2
