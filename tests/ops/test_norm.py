@@ -244,6 +244,16 @@ def test_explicit_api_under_nested_forward_ad():
     assert_nontrivial(dty)
 
 
+@needs_cpu
+@pytest.mark.parametrize(("num_groups", "shape"), [LAYOUTS[0], LAYOUTS[1]])
+def test_opcheck_kernel_op(num_groups, shape):
+    t = make_inputs(num_groups, shape)
+    params = [t[k].contiguous() for k in ("weight", "bias", "scale", "shift", "tscale", "tshift")]
+    for tx, ty in ((t["tx"], torch.empty(shape)), (None, torch.empty(shape)), (None, None)):
+        torch.library.opcheck(torch.ops.ttfm.norm_modulate_jvp.default,
+                              (t["x"], tx, *params, num_groups or 0, 1e-5, True, torch.empty(shape), ty))
+
+
 def test_bad_inputs():
     x = torch.randn(2, 6, 3, 3)
     with pytest.raises(ValueError, match="num_groups=4 must divide the channels C=6"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ttfm_kernels import _alloc
+from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
@@ -30,6 +30,12 @@ _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
 }, gpu_order=("triton",))
 _ACTIVATIONS = ("silu", None)
 Opt = torch.Tensor | None
+
+
+if _ext.has_op("norm_modulate_jvp"):
+    # The kernel writes only into its out arguments (y, ty): its fake (meta) kernel does nothing. Registered only
+    # when the extension declared the op (registering a fake of a missing op raises).
+    torch.library.register_fake("ttfm::norm_modulate_jvp", lambda *args, **kwargs: None)
 
 
 def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str, x: torch.Tensor) -> None:
