@@ -98,10 +98,10 @@ def ext_kernel(op: str, dispatch_key: str, dtypes: tuple[torch.dtype, ...] | Non
         if dtypes is not None and dtype not in dtypes:
             return f"the {device_type} kernel does not support {dtype}"
         if not _ext.has_kernel(op, dispatch_key):
-            ext = "_C_cuda" if dispatch_key == "CUDA" else "_C"
-            reasons = {k: v for k, v in _ext.status().items() if v is not None}
-            why = "; ".join(f"{k}: {v}" for k, v in reasons.items()) or f"ttfm::{op} has no {dispatch_key} kernel"
-            return f"compiled {device_type} kernel unavailable (ttfm_kernels.{ext} ...): {why}"
+            libraries = ("_C_cuda",) if dispatch_key == "CUDA" else ("_C", "_C_vec")
+            status = _ext.status()
+            why = "; ".join(f"ttfm_kernels.{k}: {status[k]}" for k in libraries if status[k] is not None)
+            return f"no compiled {dispatch_key} kernel for ttfm::{op} ({why or 'not in the loaded extensions'})"
         return None
 
     return check
