@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 DTYPES = {
     "reference": (torch.float64, torch.float32),
     "cpu": (torch.float32, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 
 

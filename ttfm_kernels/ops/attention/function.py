@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ttfm_kernels import _alloc
 from ttfm_kernels._checks import check_float, check_like, check_rank
-from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, warn_once
+from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
 __all__ = ["attention", "jvp_attention", "patch_sdpa"]
@@ -29,6 +29,7 @@ _FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = OpBackends("jvp_attention", {
     "reference": always,
     "cpu": ext_kernel("jvp_attention_fwd", "CPU", (torch.float32, torch.bfloat16)),
+    "triton": triton_kernel(),
 }, gpu_order=("triton",))
 _LAYOUT = "(B, H, N, D)"
 _ORIGINAL_SDPA = F.scaled_dot_product_attention  # captured at import, so patch_sdpa() cannot recurse into itself
