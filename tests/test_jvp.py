@@ -1,9 +1,10 @@
-"""jvp_t / jvp_sx: central finite differences in float64, the forward_jvp route, graphs, the SDPA advice."""
+"""jvp_t / jvp_sx: central finite differences in float64, the forward_jvp route, graphs, fused SDPA, the advice."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.flow_models import DTYPE, TwoTimeNet
 from ttfm_kernels import jvp_sx, jvp_t
@@ -85,10 +86,32 @@ class _SdpaModel(nn.Module):
         return F.scaled_dot_product_attention(q, q, q).view_as(x)
 
 
-def test_sdpa_model_gets_advice():
+def test_sdpa_model_takes_the_fused_attention_jvp(monkeypatch):
+    import ttfm_kernels.ops.attention.function as attention_fn
+
+    calls = []
+    fused = attention_fn._JvpAttentionFn.apply
+    monkeypatch.setattr(attention_fn._JvpAttentionFn, "apply", lambda *a: calls.append(1) or fused(*a))
     x, s, t = _inputs()
-    with pytest.raises(NotImplementedError, match="patch_sdpa"):
-        jvp_t(_SdpaModel(), x, s, t)
+    model = _SdpaModel()
+    u, du = jvp_t(model, x, s, t)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.func.jvp(lambda t: model(x, s, t), (t,), (torch.ones_like(t),))
+    assert calls, "jvp_t did not reach the fused attention JVP"
+    torch.testing.assert_close(u, ref[0])
+    torch.testing.assert_close(du, ref[1])
+    assert du.ne(0).any()
+
+
+class _NoForwardAD(nn.Module):
+    def forward(self, x, s, t):
+        raise NotImplementedError("Trying to use forward AD with some_op that does not support it")
+
+
+def test_missing_forward_ad_gets_advice():
+    x, s, t = _inputs()
+    with pytest.raises(NotImplementedError, match="forward_jvp"):
+        jvp_t(_NoForwardAD(), x, s, t)
 
 
 def test_bad_times_are_named():

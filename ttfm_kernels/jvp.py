@@ -15,21 +15,20 @@ import torch
 from torch import nn
 
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
+from ttfm_kernels.ops.attention import patch_sdpa
 
 __all__ = ["jvp_sx", "jvp_t"]
 
-_SDPA_ADVICE = (
-    "a forward-mode derivative is missing for an op this model calls ({err}). On CPU, "
-    "F.scaled_dot_product_attention has no forward-AD rule in torch 2.13: run the call inside "
-    "`with ttfm_kernels.patch_sdpa():` (fused attention JVP) or "
-    "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`, or give the model a "
+_AD_ADVICE = (
+    "a forward-mode derivative is missing for an op this model calls ({err}). jvp_t/jvp_sx already route "
+    "F.scaled_dot_product_attention through ttfm_kernels.patch_sdpa(); for another op, give the model a "
     "`forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond)` method built on ttfm_kernels ops."
 )
 
 
 def _forward_ad_context() -> contextlib.AbstractContextManager:
-    """The context every ``torch.func.jvp`` over a user model runs in (a hook for rerouting SDPA)."""
-    return contextlib.nullcontext()
+    """The context every ``torch.func.jvp`` over a user model runs in: SDPA calls take the fused attention JVP."""
+    return patch_sdpa()
 
 
 def _func_jvp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...],
@@ -38,7 +37,7 @@ def _func_jvp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...]
         with _forward_ad_context():
             return torch.func.jvp(fn, primals, tangents)
     except NotImplementedError as err:
-        raise NotImplementedError(_SDPA_ADVICE.format(err=str(err).splitlines()[0] if str(err) else "")) from err
+        raise NotImplementedError(_AD_ADVICE.format(err=str(err).splitlines()[0] if str(err) else "")) from err
 
 
 def _check(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> None:
