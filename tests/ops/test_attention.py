@@ -243,3 +243,33 @@ def test_unavailable_backend_is_a_clear_error():
     q, k, v, *_ = _inputs(1, 1, 4, 4, 16, dtype=torch.float16)
     with pytest.raises(BackendUnavailableError, match="cpu"):
         jvp_attention(q, k, v, tv=v, backend="cpu")
+
+
+def test_triton_gpu_configurations_are_registered_defaults():
+    """The GPU launcher picks only configurations the compile gate checks (default=True, same launch params)."""
+    kernel = pytest.importorskip("ttfm_kernels.ops.attention.triton")
+    from ttfm_kernels._gpu_configs import GPU_CONFIGS
+
+    registered = {c.name: c for c in GPU_CONFIGS}
+    cuda = torch.device("cuda")
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for head_dim in (16, 24, 64, 72, 80, 96, 128, 200, 256):
+            config = kernel.gpu_config(dtype, head_dim)
+            if config is None:
+                assert dtype == torch.float32 and head_dim > 64
+                assert "no spill-free GPU configuration" in kernel.unsupported(cuda, dtype, head_dim)
+                continue
+            block_m, block_n, warps, stages = config
+            block_d = max(16, 1 << (head_dim - 1).bit_length())
+            entry = registered[f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}"]
+            assert entry.default and (entry.num_warps, entry.num_stages) == (warps, stages)
+            assert kernel.unsupported(cuda, dtype, head_dim) is None
+    assert "up to 256" in kernel.unsupported(CPU, torch.float16, 257)
+
+
+def test_triton_head_dim_limit_is_a_clear_error():
+    if _BACKENDS.checks["triton"](CPU, torch.float32) is not None:
+        pytest.skip("Triton interpreter unavailable")
+    q = torch.randn(1, 1, 4, 264)
+    with pytest.raises(BackendUnavailableError, match="head dims up to 256"):
+        jvp_attention(q, q, q, tv=q, backend="triton")

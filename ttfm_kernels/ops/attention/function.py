@@ -55,14 +55,17 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tenso
 
 
 def _select(backend: str, q: torch.Tensor) -> str:
-    """The backend for this call; the Triton kernel also needs D <= 256 (else reference under "auto")."""
+    """The backend for this call; the Triton kernel also checks the head dim (else reference under "auto")."""
     name = _BACKENDS.select(backend, q.device, q.dtype)
-    if name == "triton" and q.shape[-1] > 256:
-        reason = f"the Triton kernel supports head dims up to 256, got {q.shape[-1]}"
-        if backend != "auto":
-            raise BackendUnavailableError(f"ttfm_kernels.jvp_attention: backend 'triton' unavailable: {reason}")
-        warn_once("jvp_attention", f"backend 'triton' skipped: {reason}")
-        name = "reference"
+    if name == "triton":
+        from ttfm_kernels.ops.attention.triton import unsupported
+
+        reason = unsupported(q.device, q.dtype, q.shape[-1])
+        if reason is not None:
+            if backend != "auto":
+                raise BackendUnavailableError(f"ttfm_kernels.jvp_attention: backend 'triton' unavailable: {reason}")
+            warn_once("jvp_attention", f"backend 'triton' skipped: {reason}")
+            name = "reference"
     return name
 
 

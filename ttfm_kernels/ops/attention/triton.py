@@ -9,8 +9,9 @@ softmax (base-2 exponentials), rescaling ALL accumulators (l, acc_o, acc_mu, acc
     acc_t += [P*dS | P] @ [V ; dV]     (GEMM 4: one accumulator)
     o = acc_o / l,  mu = acc_mu / l,  t_o = acc_t / l - mu o,  lse = m + log l
 
-Accumulation is float32 for every input dtype; float32 inputs use IEEE float32 dots (no TF32). Head dims up
-to 256 are padded to a power of two >= 16 and masked (72, 80, 96 -> 128); any Nq, Nk; causal is top-left.
+Accumulation is float32 for every input dtype; float32 inputs use 3xTF32 dots on GPU (float32-accurate, not
+plain TF32). Head dims up to 256 are padded to a power of two >= 16 and masked (72, 80, 96 -> 128); any Nq,
+Nk; causal is top-left.
 Tangent presence is a constexpr, so absent tangents cost nothing. Batch/head offsets are int64.
 Under the CPU interpreter (TRITON_INTERPRET=1) one small configuration runs, and bf16 dot operands are
 upcast to float32 (the interpreter's bf16 dot is wrong); GPU launches use the configurations registered in
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from ttfm_kernels._gpu_configs import TritonConfig, register
 
-__all__ = ["INTERPRETER_BLOCKS", "gpu_config", "jvp_attention_fwd_triton"]
+__all__ = ["INTERPRETER_BLOCKS", "gpu_config", "jvp_attention_fwd_triton", "unsupported"]
 
 LOG2E = math.log2(math.e)
 
@@ -124,17 +125,32 @@ def _jvp_attention_fwd_kernel(
 INTERPRETER_BLOCKS = (64, 32)
 
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: GPU launch configurations by (input dtype, padded head dim): (BLOCK_M, BLOCK_N, num_warps, num_stages).
-_GPU_TABLE: dict[tuple[str, int], tuple[int, int, int, int]] = {}
+#: GPU launch configurations, padded head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the largest tiles
+#: that compile for sm_80 AND sm_90 without register spills (two accumulators, Q, dQ and four score-sized
+#: tiles live per row block). float32 uses 3xTF32 dots (float32-accurate on tensor cores); its D > 64 has no
+#: spill-free configuration, so those calls take the reference backend on GPU.
+_GPU_TABLE: dict[str, dict[int, tuple[int, int, int, int]]] = {
+    "16bit": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 16, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 8, 1)},
+    "fp32": {16: (64, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 32, 4, 2)},
+}
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def gpu_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
-    """The registered default (BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and head dim."""
-    return _GPU_TABLE[(_TL_NAMES[dtype], _block_d(head_dim))]
+def gpu_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int] | None:
+    """The registered GPU (BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and head dim, or None."""
+    return _GPU_TABLE["fp32" if dtype == torch.float32 else "16bit"].get(_block_d(head_dim))
+
+
+def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the kernel cannot take this call (None when it can)."""
+    if head_dim > 256:
+        return f"the Triton kernel supports head dims up to 256, got {head_dim}"
+    if device.type == "cuda" and gpu_config(dtype, head_dim) is None:
+        return f"no spill-free GPU configuration for {dtype} with head dim {head_dim} (float32 supports D <= 64)"
+    return None
 
 
 def jvp_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
@@ -142,7 +158,8 @@ def jvp_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              lse: torch.Tensor, *, causal: bool, scale: float) -> None:
     """Launch the kernel: writes o, t_o (like q) and lse ((B, H, Nq) float32) for contiguous (B, H, N, D) inputs.
 
-    Absent tangents (None) are skipped at compile time. D <= 256. CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    Absent tangents (None) are skipped at compile time. CUDA tensors (with the registered configuration, see
+    ``unsupported``), or CPU tensors under TRITON_INTERPRET=1 (``INTERPRETER_BLOCKS``, any D <= 256).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -157,34 +174,30 @@ def jvp_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         n_q, n_k, scale * LOG2E, scale,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
         HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-        UPCAST=interpreted and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreted and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
 def _register_gpu_configs() -> None:
-    """Fill the GPU table and register each entry (all tangents present: the most resources) for the gate."""
-    table = {  # padded D -> (BLOCK_M, BLOCK_N, num_warps, num_stages), for fp16/bf16 and for fp32
-        "16bit": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 2), 128: (64, 64, 4, 2),
-                  256: (64, 32, 8, 1)},
-        "fp32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 1),
-                 256: (32, 32, 8, 1)},
-    }
-    for dtype_name in ("fp16", "bf16", "fp32"):
-        for block_d, (block_m, block_n, warps, stages) in table["fp32" if dtype_name == "fp32" else "16bit"].items():
-            _GPU_TABLE[(dtype_name, block_d)] = (block_m, block_n, warps, stages)
-            ptr = f"*{dtype_name}"
+    """Register every GPU table entry (all tangents present: the most resources) for the compile gate."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        name = _TL_NAMES[dtype]
+        for block_d, (block_m, block_n, warps, stages) in _GPU_TABLE["fp32" if name == "fp32" else "16bit"].items():
             register(TritonConfig(
-                name=f"jvp_attention_fwd/{dtype_name}/D{block_d}/BM{block_m}/BN{block_n}",
+                name=f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}",
                 kernel=_jvp_attention_fwd_kernel,
-                signature={**{n: ptr for n in ("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr", "o_ptr",
-                                                "to_ptr")},
+                signature={**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr", "o_ptr",
+                                            "to_ptr"), f"*{name}"),
                            "lse_ptr": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32", "ds_scale": "fp32",
-                           **{n: "constexpr" for n in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL",
-                                                        "HAS_TQ", "HAS_TK", "HAS_TV", "UPCAST", "PRECISION")}},
+                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_TQ",
+                                            "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"), "constexpr")},
                 constexprs={"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n,
                             "CAUSAL": False, "HAS_TQ": True, "HAS_TK": True, "HAS_TV": True, "UPCAST": False,
-                            "PRECISION": "ieee" if dtype_name == "fp32" else "tf32"},
+                            "PRECISION": _precision(dtype)},
                 num_warps=warps, num_stages=stages))
 
 
