@@ -13,7 +13,9 @@ def _eager(module: Attention, x: torch.Tensor) -> torch.Tensor:
     """The timm Attention forward written out with plain torch ops and the module's own parameters."""
     b, n, c = x.shape
     q, k, v = module.qkv(x).reshape(b, n, 3, module.num_heads, c // module.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = module.q_norm(q), module.k_norm(k)
+    if module.q_norm is not None:
+        q = F.layer_norm(q, q.shape[-1:], module.q_norm.weight, module.q_norm.bias)
+        k = F.layer_norm(k, k.shape[-1:], module.k_norm.weight, module.k_norm.bias)
     y = F.scaled_dot_product_attention(q, k, v)
     return module.proj(y.transpose(1, 2).reshape(b, n, c))
 
@@ -46,15 +48,20 @@ def test_forward_and_jvp_match_the_eager_block(qk_norm):
     assert_nontrivial(ty)
     assert_close_to_ref(y, ref[0], name="y")
     assert_close_to_ref(ty, ref[1], name="ty")
+    y, ty = module.forward_jvp(x, tx)  # the explicit-tangent route
+    assert_close_to_ref(y, ref[0], name="y (forward_jvp)")
+    assert_close_to_ref(ty, ref[1], name="ty (forward_jvp)")
+    assert module.forward_jvp(x, None)[1] is None
 
 
 def test_gradient_through_the_tangent_reaches_parameters():
     module = Attention(16, 2).double()
     x, tx = torch.randn(2, 1, 7, 16, dtype=torch.float64)
-    _, ty = torch.func.jvp(module, (x,), (tx,))
-    got = torch.autograd.grad(ty.square().sum(), module.qkv.weight)[0]
     with sdpa_kernel(SDPBackend.MATH):
         _, ty_ref = torch.func.jvp(lambda z: _eager(module, z), (x,), (tx,))
         ref = torch.autograd.grad(ty_ref.square().sum(), module.qkv.weight)[0]
-    assert_nontrivial(got)
-    assert_close_to_ref(got, ref, name="d|ty|^2/d qkv.weight")
+    routes = {"func.jvp": torch.func.jvp(module, (x,), (tx,))[1], "forward_jvp": module.forward_jvp(x, tx)[1]}
+    for route, ty in routes.items():
+        got = torch.autograd.grad(ty.square().sum(), module.qkv.weight)[0]
+        assert_nontrivial(got)
+        assert_close_to_ref(got, ref, name=f"d|ty|^2/d qkv.weight ({route})")

@@ -261,8 +261,9 @@ def test_triton_gpu_configurations_are_registered_defaults():
                 continue
             block_m, block_n, warps, stages = config
             block_d = max(16, 1 << (head_dim - 1).bit_length())
-            entry = registered[f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}"]
-            assert entry.default and (entry.num_warps, entry.num_stages) == (warps, stages)
+            for suffix in ("", "/causal"):
+                entry = registered[f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{suffix}"]
+                assert entry.default and (entry.num_warps, entry.num_stages) == (warps, stages)
             assert kernel.unsupported(cuda, dtype, head_dim) is None
     assert "up to 256" in kernel.unsupported(CPU, torch.float16, 257)
 

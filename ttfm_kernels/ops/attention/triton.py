@@ -130,8 +130,9 @@ _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 #: tiles live per row block). float32 uses 3xTF32 dots (float32-accurate on tensor cores); its D > 64 has no
 #: spill-free configuration, so those calls take the reference backend on GPU.
 _GPU_TABLE: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "16bit": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 16, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 8, 1)},
-    "fp32": {16: (64, 16, 4, 2), 32: (32, 16, 4, 2), 64: (16, 32, 4, 2)},
+    "16bit": {16: (128, 64, 4, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 16, 8, 2),
+              256: (16, 32, 8, 1)},
+    "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (16, 32, 4, 2)},
 }
 
 
@@ -183,22 +184,24 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _register_gpu_configs() -> None:
-    """Register every GPU table entry (all tangents present: the most resources) for the compile gate."""
+    """Register every GPU table entry, causal and not, with all tangents present (the most resources)."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         name = _TL_NAMES[dtype]
         for block_d, (block_m, block_n, warps, stages) in _GPU_TABLE["fp32" if name == "fp32" else "16bit"].items():
-            register(TritonConfig(
-                name=f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}",
-                kernel=_jvp_attention_fwd_kernel,
-                signature={**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr", "o_ptr",
-                                            "to_ptr"), f"*{name}"),
-                           "lse_ptr": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32", "ds_scale": "fp32",
-                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_TQ",
-                                            "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"), "constexpr")},
-                constexprs={"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                            "CAUSAL": False, "HAS_TQ": True, "HAS_TK": True, "HAS_TV": True, "UPCAST": False,
-                            "PRECISION": _precision(dtype)},
-                num_warps=warps, num_stages=stages))
+            for causal in (False, True):
+                register(TritonConfig(
+                    name=f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{'/causal' * causal}",
+                    kernel=_jvp_attention_fwd_kernel,
+                    signature={**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr", "o_ptr",
+                                                "to_ptr"), f"*{name}"),
+                               "lse_ptr": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
+                               "ds_scale": "fp32",
+                               **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_TQ",
+                                                "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"), "constexpr")},
+                    constexprs={"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                "CAUSAL": causal, "HAS_TQ": True, "HAS_TK": True, "HAS_TV": True, "UPCAST": False,
+                                "PRECISION": _precision(dtype)},
+                    num_warps=warps, num_stages=stages))
 
 
 _register_gpu_configs()
