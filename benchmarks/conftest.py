@@ -14,6 +14,7 @@ medians and speedups go to the JSON's ``extra_info`` and to the table printed at
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import SUMMARY_KEYS, Comparison, time_interleaved
+from benchmarks.harness import SUMMARY_KEYS, Comparison, time_round
 
 _RESULTS: list[Comparison] = []
 
@@ -57,8 +58,8 @@ def compare(benchmark: Any) -> Callable[..., Comparison]:
         times: dict[str, list[float]] = {name: [] for name in fns}
 
         def one_round() -> None:
-            for name, t in time_interleaved(fns, 1).items():
-                times[name].append(t[0])
+            for name, t in time_round(fns, len(times[baseline])).items():
+                times[name].append(t)
 
         benchmark.group = case
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
@@ -77,7 +78,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("ttfm benchmark ratios (median of interleaved rounds; speedup = baseline / candidate)")
-    tr.write_line(f"threads={torch.get_num_threads()}  torch={torch.__version__}")
+    load = os.getloadavg()[0]
+    tr.write_line(f"threads={torch.get_num_threads()}  torch={torch.__version__}  load={load:.1f} on {os.cpu_count()} "
+                  f"cores{'  (overloaded: timings unreliable)' if load > (os.cpu_count() or 1) else ''}")
     for res in _RESULTS:
         tr.write_line(f"{res.case}  [{len(res.times[res.baseline])} rounds]")
         for name in res.times:

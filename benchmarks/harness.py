@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_rss_mb", "time_interleaved"]
+__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_rss_mb", "time_round"]
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The keys ``Comparison.summary`` writes into a benchmark's ``extra_info`` (others come from ``record``).
@@ -38,18 +38,17 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Run every candidate once per round, in an order rotated each round; seconds per call, by name."""
+def time_round(fns: Mapping[str, Callable[[], Any]], r: int) -> dict[str, float]:
+    """Run every candidate once, starting from the ``r``-th (round r of an interleaved run); seconds by name."""
     names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            _sync()
-            start = time.perf_counter()
-            fns[name]()
-            _sync()
-            times[name].append(time.perf_counter() - start)
+    times = {}
+    for i in range(len(names)):
+        name = names[(r + i) % len(names)]
+        _sync()
+        start = time.perf_counter()
+        fns[name]()
+        _sync()
+        times[name] = time.perf_counter() - start
     return times
 
 

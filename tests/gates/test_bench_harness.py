@@ -10,14 +10,41 @@ import pytest
 import torch
 
 from benchmarks import compare
-from benchmarks.harness import Comparison, peak_rss_mb, time_interleaved
+from benchmarks.harness import Comparison, peak_rss_mb
+
+pytest_plugins = ["pytester"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_time_interleaved_rotates_the_order():
-    calls: list[str] = []
-    times = time_interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=3)
-    assert calls == list("abcbcacab")
-    assert all(len(t) == 3 for t in times.values())
+def test_compare_fixture_checks_parity_first_interleaves_and_records(pytester: pytest.Pytester):
+    pytester.makeconftest((ROOT / "benchmarks" / "conftest.py").read_text())
+    pytester.makepyfile(bench_cases="""
+        import pytest
+        calls = []
+
+        def test_ok(compare):
+            res = compare(case="ok", fns={"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                          baseline="a", check=lambda: calls.append("check"), rounds=4, warmup=1)
+            assert calls == ["check", *"abbaabbaab"]  # the check, 1 warm-up round, 4 rounds rotated
+            res.record("peak_rss_mb.b", 1.5)
+
+        def test_parity_failure_records_no_timing(compare):
+            def check():
+                raise AssertionError("not close")
+            compare(case="bad", fns={"a": lambda: calls.append("x")}, baseline="a", check=check)
+
+        @pytest.mark.gpu
+        def test_gpu_case(compare):
+            pass
+    """)
+    result = pytester.runpytest("bench_cases.py", "--benchmark-json=out.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1, skipped=0 if torch.cuda.is_available() else 1)
+    result.stdout.fnmatch_lines(["*ttfm benchmark ratios*", "ok  [[]4 rounds[]]", "*peak_rss_mb.b*1.5"])
+    data = json.loads((pytester.path / "out.json").read_text())
+    assert [b["extra_info"]["case"] for b in data["benchmarks"]] == ["ok"]
+    info = data["benchmarks"][0]["extra_info"]
+    assert info["rounds"] == 4 and set(info["median_s"]) == {"a", "b"} and info["peak_rss_mb.b"] == 1.5
+    assert data["machine_info"]["ttfm"]["torch_num_threads"] == torch.get_num_threads()
 
 
 def test_comparison_speedup_is_baseline_over_candidate():
