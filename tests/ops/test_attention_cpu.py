@@ -1,0 +1,153 @@
+"""The C++ CPU kernel of the attention JVP (``ttfm::jvp_attention_fwd``, csrc/cpu/vec/attention.cpp), called
+directly with forced tile sizes so small shapes run several query and key blocks (the online rescaling).
+
+The oracle is ``torch.func.jvp`` over math SDPA in float64 (absent tangents are zeros) and the logsumexp of the
+scaled, masked scores. The public API on top of this op is tested in tests/ops/test_attention.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ttfm_kernels import _alloc, _ext
+from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
+
+pytestmark = pytest.mark.skipif(not _ext.has_kernel("jvp_attention_fwd", "CPU"),
+                                reason="ttfm_kernels._C_vec (the AVX2 CPU kernels) is not loaded")
+
+TANGENTS = {"all": (1, 1, 1), "q": (1, 0, 0), "k": (0, 1, 0), "v": (0, 0, 1), "qk": (1, 1, 0), "kv": (0, 1, 1)}
+
+
+def oracle(q, k, v, tq, tk, tv, *, causal, scale):
+    """(o, t_o, lse) in float64: torch.func.jvp of math SDPA, and the logsumexp of the scores."""
+    args = tuple(t.double() for t in (q, k, v))
+    tangents = tuple(torch.zeros_like(a) if t is None else t.double() for a, t in zip(args, (tq, tk, tv), strict=True))
+    with sdpa_kernel(SDPBackend.MATH):
+        o, t_o = torch.func.jvp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal,
+                                                                                scale=scale), args, tangents)
+    s = scale * args[0] @ args[1].transpose(-2, -1)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+    return o, t_o, torch.logsumexp(s, dim=-1)
+
+
+def run_kernel(q, k, v, tq, tk, tv, *, causal, scale, block_q=0, block_k=0):
+    """The raw op with NaN-filled outputs (TTFM_DEBUG_NAN_FILL=1 in tests), so every unwritten value fails."""
+    o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
+    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, block_q, block_k)
+    return o, t_o, lse
+
+
+def make_inputs(shape_q, n_k, dtype, which=(1, 1, 1), rising=False):
+    """q (B, H, Nq, D), k/v (B, H, Nk, D) and the tangents selected by ``which`` (None where 0).
+
+    ``rising``: scores grow along the keys, so the running max rises in every later key block.
+    """
+    b, h, n_q, d = shape_q
+    q = torch.randn(b, h, n_q, d, dtype=torch.float64)
+    k = torch.randn(b, h, n_k, d, dtype=torch.float64)
+    if rising:
+        q = q.abs() + 0.5
+        k = k + torch.linspace(0, 3, n_k, dtype=torch.float64)[:, None]
+    v = torch.randn(b, h, n_k, d, dtype=torch.float64)
+    tangents = [torch.randn_like(x) if w else None for x, w in zip((q, k, v), which, strict=True)]
+    return [None if t is None else t.to(dtype) for t in (q, k, v, *tangents)]
+
+
+def check(inputs, *, causal, scale, block_q=0, block_k=0):
+    dtype = inputs[0].dtype
+    o, t_o, lse = run_kernel(*inputs, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
+    ro, rt, rlse = oracle(*inputs, causal=causal, scale=scale)
+    assert o.dtype == dtype and t_o.dtype == dtype and lse.dtype == torch.float32
+    assert_close_to_ref(o, ro, name="o")
+    assert_close_to_ref(t_o, rt, name="t_o")
+    assert_close_to_ref(lse, rlse, name="lse")  # fp32 from the exact (upcast) inputs, whatever their dtype
+    assert_nontrivial(t_o, "t_o")
+
+
+# (B, H, Nq, D), Nk, block_q, block_k: forced tiles give >= 3 key blocks and partial last blocks.
+CASES = [
+    ((2, 3, 37, 5), 53, 8, 16),
+    ((1, 2, 64, 64), 64, 16, 16),
+    ((2, 1, 130, 16), 70, 32, 24),
+    ((1, 1, 20, 8), 130, 7, 11),
+    ((1, 1, 1, 3), 1, 0, 0),
+    ((1, 2, 1, 8), 200, 0, 64),
+    ((1, 1, 48, 256), 40, 16, 8),
+    ((2, 2, 96, 32), 96, 0, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape_q", "n_k", "block_q", "block_k"), CASES,
+                         ids=[f"q{s}-nk{n}-bq{bq}-bk{bk}" for s, n, bq, bk in CASES])
+def test_matches_jvp_of_sdpa(shape_q, n_k, block_q, block_k, causal, dtype):
+    inputs = make_inputs(shape_q, n_k, dtype)
+    check(inputs, causal=causal, scale=1 / math.sqrt(shape_q[-1]), block_q=block_q, block_k=block_k)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("which", list(TANGENTS.values()), ids=list(TANGENTS))
+def test_absent_tangents_are_zero(which, causal):
+    inputs = make_inputs((2, 2, 45, 12), 50, torch.float32, which)
+    check(inputs, causal=causal, scale=0.4, block_q=16, block_k=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_running_max_rises_in_later_key_blocks(causal, dtype):
+    inputs = make_inputs((1, 2, 40, 16), 96, dtype, rising=True)
+    scores = inputs[0][0, 0].double() @ inputs[1][0, 0].double().T
+    assert scores[:, 64:].max(dim=1).values.gt(scores[:, :32].max(dim=1).values).all()  # the case is real
+    check(inputs, causal=causal, scale=0.5, block_q=16, block_k=32)
+
+
+def test_large_scores_do_not_overflow():
+    q, k, v, tq, tk, tv = make_inputs((1, 1, 33, 8), 70, torch.float32)
+    check([q * 30, k * 30, v, tq, tk, tv], causal=False, scale=1.0, block_q=8, block_k=16)
+
+
+def test_result_does_not_depend_on_thread_count():
+    inputs = make_inputs((2, 2, 100, 16), 100, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(*inputs, causal=True, scale=0.25, block_q=16, block_k=32)
+        torch.set_num_threads(max(2, threads))
+        many = run_kernel(*inputs, causal=True, scale=0.25, block_q=16, block_k=32)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rejects_bad_arguments_before_writing():
+    q, k, v, tq, tk, tv = make_inputs((1, 2, 8, 4), 8, torch.float32)
+    o, t_o, lse = torch.zeros_like(q), torch.zeros_like(q), torch.zeros(1, 2, 8)
+    op = torch.ops.ttfm.jvp_attention_fwd
+    with pytest.raises(RuntimeError, match="tk has shape"):
+        op(q, k, v, tq, tk[:, :, :4], tv, False, 0.5, o, t_o, lse)
+    with pytest.raises(RuntimeError, match="tv has dtype"):
+        op(q, k, v, tq, tk, tv.double(), False, 0.5, o, t_o, lse)
+    with pytest.raises(RuntimeError, match="k must be contiguous"):
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, tq, tk, tv, False, 0.5, o, t_o, lse)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse.double())
+    with pytest.raises(RuntimeError, match="float32 and bfloat16"):
+        op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5, o.half(), t_o.half(), lse)
+    with pytest.raises(RuntimeError, match="block sizes"):
+        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, -1, 0)
+    assert not o.any() and not t_o.any() and not lse.any()
+
+
+def test_opcheck_schema_and_fake_kernel():
+    q, k, v, tq, tk, tv = make_inputs((1, 2, 12, 8), 10, torch.float32, (1, 0, 1))
+    args = (q, k, v, tq, tk, tv, True, 0.3, torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 12), 4, 4)
+    torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd.default, args)
