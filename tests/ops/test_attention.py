@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ttfm_kernels import BackendUnavailableError, attention, jvp_attention, patch_sdpa
+from ttfm_kernels.ops.attention import function
 from ttfm_kernels.ops.attention.function import _BACKENDS
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
@@ -31,6 +32,12 @@ def _backend_param(name: str) -> pytest.param:
 BACKEND_PARAMS = [_backend_param(name) for name in DTYPES]
 BACKEND_DTYPE_PARAMS = [pytest.param(name, dtype, marks=p.marks, id=f"{name}-{str(dtype)[6:]}")
                         for name, p in zip(DTYPES, BACKEND_PARAMS, strict=True) for dtype in DTYPES[name]]
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu_tiles(monkeypatch):
+    """The C++ CPU kernel runs 32 x 32 tiles here, so N > 64 gives it at least 3 query and key blocks."""
+    monkeypatch.setattr(function, "_CPU_TILES", (32, 32))
 
 
 def _inputs(b, h, n_q, n_k, d, dtype=torch.float64, late_max=False):

@@ -1,8 +1,9 @@
 """The C++ CPU kernel of the attention JVP (``ttfm::jvp_attention_fwd``, csrc/cpu/vec/attention.cpp), called
-directly with forced tile sizes so small shapes run several query and key blocks (the online rescaling).
+directly with forced tile sizes so small shapes run several query and key blocks (the online rescaling), and
+the gradients through both outputs of the public API on this backend.
 
-The oracle is ``torch.func.jvp`` over math SDPA in float64 (absent tangents are zeros) and the logsumexp of the
-scaled, masked scores. The public API on top of this op is tested in tests/ops/test_attention.py.
+The oracle (tests/ops/test_attention.py) is ``torch.func.jvp`` over math SDPA in float64 (absent tangents are
+zeros) and the logsumexp of the scaled, masked scores. The parity suite there runs this backend too.
 """
 
 from __future__ import annotations
@@ -14,26 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ttfm_kernels import _alloc, _ext
+from tests.ops.test_attention import _oracle
+from ttfm_kernels import _alloc, _ext, attention, jvp_attention
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("jvp_attention_fwd", "CPU"),
                                 reason="ttfm_kernels._C_vec (the AVX2 CPU kernels) is not loaded")
 
-TANGENTS = {"all": (1, 1, 1), "q": (1, 0, 0), "k": (0, 1, 0), "v": (0, 0, 1), "qk": (1, 1, 0), "kv": (0, 1, 1)}
-
-
-def oracle(q, k, v, tq, tk, tv, *, causal, scale):
-    """(o, t_o, lse) in float64: torch.func.jvp of math SDPA, and the logsumexp of the scores."""
-    args = tuple(t.double() for t in (q, k, v))
-    tangents = tuple(torch.zeros_like(a) if t is None else t.double() for a, t in zip(args, (tq, tk, tv), strict=True))
-    with sdpa_kernel(SDPBackend.MATH):
-        o, t_o = torch.func.jvp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal,
-                                                                                scale=scale), args, tangents)
-    s = scale * args[0] @ args[1].transpose(-2, -1)
-    if causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf)
-    return o, t_o, torch.logsumexp(s, dim=-1)
+TANGENTS = {"all": (1, 1, 1), "q": (1, 0, 0), "k": (0, 1, 0), "v": (0, 0, 1), "qk": (1, 1, 0), "kv": (0, 1, 1),
+            "none": (0, 0, 0)}
 
 
 def run_kernel(q, k, v, tq, tk, tv, *, causal, scale, block_q=0, block_k=0):
@@ -61,14 +51,18 @@ def make_inputs(shape_q, n_k, dtype, which=(1, 1, 1), rising=False):
 
 
 def check(inputs, *, causal, scale, block_q=0, block_k=0):
+    """The kernel's (o, t_o, lse) match the oracle; t_o is nonzero unless every tangent is absent."""
     dtype = inputs[0].dtype
     o, t_o, lse = run_kernel(*inputs, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
-    ro, rt, rlse = oracle(*inputs, causal=causal, scale=scale)
+    ro, rt, rlse = _oracle(*inputs, causal=causal, scale=scale)
     assert o.dtype == dtype and t_o.dtype == dtype and lse.dtype == torch.float32
     assert_close_to_ref(o, ro, name="o")
     assert_close_to_ref(t_o, rt, name="t_o")
     assert_close_to_ref(lse, rlse, name="lse")  # fp32 from the exact (upcast) inputs, whatever their dtype
-    assert_nontrivial(t_o, "t_o")
+    if all(t is None for t in inputs[3:]):
+        assert t_o.eq(0).all()
+    else:
+        assert_nontrivial(t_o, "t_o")
 
 
 # (B, H, Nq, D), Nk, block_q, block_k: forced tiles give >= 3 key blocks and partial last blocks.
@@ -151,3 +145,34 @@ def test_opcheck_schema_and_fake_kernel():
     q, k, v, tq, tk, tv = make_inputs((1, 2, 12, 8), 10, torch.float32, (1, 0, 1))
     args = (q, k, v, tq, tk, tv, True, 0.3, torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 12), 4, 4)
     torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd.default, args)
+
+
+@pytest.mark.parametrize("api", ["jvp_attention", "attention-under-func.jvp"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradients_through_o_and_t_o(causal, api):
+    """Reverse-over-forward through the autograd wrapper: the forward runs this kernel (fp32), the backward
+    recomputes the explicit formula; compared with the float64 gradients of torch.func.jvp over math SDPA."""
+    inputs = make_inputs((1, 2, 70, 16), 50, torch.float64)
+    w_o, w_t = torch.randn(2, 1, 2, 70, 16, dtype=torch.float64)
+
+    def loss(args, fn):
+        o, t_o = fn(args)
+        return (o * w_o).sum() + (t_o * w_t).sum()
+
+    def fused(args):
+        if api == "jvp_attention":
+            return jvp_attention(*args, causal=causal, backend="cpu")
+        return torch.func.jvp(lambda q, k, v: attention(q, k, v, causal=causal, backend="cpu"), args[:3], args[3:])
+
+    def eager(args):
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                                  args[:3], args[3:])
+
+    got_args = tuple(t.float().requires_grad_() for t in inputs)
+    ref_args = tuple(t.requires_grad_() for t in inputs)
+    got = torch.autograd.grad(loss(got_args, fused), got_args)
+    ref = torch.autograd.grad(loss(ref_args, eager), ref_args)
+    for name, g, r in zip(("q", "k", "v", "tq", "tk", "tv"), got, ref, strict=True):
+        assert_nontrivial(g, f"grad {name}")
+        assert_close_to_ref(g, r, name=f"grad {name}")
