@@ -26,7 +26,10 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 INCLUDE = [str(ROOT / "csrc" / "include")]
-CXX_FLAGS = ["-O3", "-fvisibility=hidden"]  # torch adds the -std it needs (C++20)
+# at::parallel_for is an inline template that runs serially unless the extension itself is built with OpenMP;
+# the extension then binds to the libgomp.so.1 torch already loaded (one OpenMP runtime in the process).
+OPENMP = ["-fopenmp"] if platform.system() == "Linux" else []
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", *OPENMP]  # torch adds the -std it needs (C++20)
 X86_VEC_FLAGS = ["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-mavx2", "-mfma", "-mf16c"]
 
 
@@ -78,12 +81,12 @@ def _extensions() -> tuple[list, dict]:
     cpu_sources = _rel(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp")))
     if cpu_sources:
         exts.append(CppExtension("ttfm_kernels._C", cpu_sources, include_dirs=INCLUDE,
-                                 extra_compile_args={"cxx": CXX_FLAGS}))
+                                 extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP))
     vec_sources = _rel(glob.glob(str(ROOT / "csrc" / "cpu" / "vec" / "*.cpp")))
     if vec_sources:
         flags = CXX_FLAGS + (X86_VEC_FLAGS if is_x86 else [])
         exts.append(CppExtension("ttfm_kernels._C_vec", vec_sources, include_dirs=INCLUDE,
-                                 extra_compile_args={"cxx": flags}))
+                                 extra_compile_args={"cxx": flags}, extra_link_args=OPENMP))
     cuda_sources = _rel(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
     if cuda_sources and _cuda_wanted():
         exts.append(CUDAExtension(
