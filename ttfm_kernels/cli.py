@@ -1,0 +1,327 @@
+"""The ``ttfm`` command line (also ``python -m ttfm_kernels``).
+
+    ttfm demo                         teacher + ITVM / LFMD / EMD on 2D checkerboard, table and figure
+    ttfm train-teacher --out runs/teacher
+    ttfm distill --teacher runs/teacher --loss itvm --out runs/itvm
+    ttfm sample --ckpt runs/itvm --steps 4 --out samples.npy
+    ttfm eval --ckpt runs/itvm
+
+Every command that writes prints where. Errors a user can fix (bad names, missing or corrupt files, a
+diverged run) print one clear line and exit with status 2 (usage) or 1 (the run failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ttfm_kernels.train.checkpoint import CheckpointError
+from ttfm_kernels.train.data import TOY_DATASETS, PointData, load_data
+from ttfm_kernels.train.runs import LOSSES, TARGETS, distill, evaluate, load_model, train_teacher
+from ttfm_kernels.train.trainer import TrainConfig, TrainingDiverged
+
+__all__ = ["main"]
+
+_DATA_HELP = f"data set: one of {', '.join(TOY_DATASETS)}, or a path to a .npy/.npz array of shape (N, D)"
+_METRICS = (("teacher_rmse", "teacher-match RMSE vs teacher Heun solve, same noise (distillation fidelity)"),
+            ("sw2", "sliced W2 to held-out data"),
+            ("kl", "2D histogram KL(data || samples)"))
+
+
+def _steps_list(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts like 1,2,4,8, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be >= 1, got {text!r}")
+    return steps
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, out: str) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=512, help="data points per step (default %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay "
+                   "(default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (default %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the weights (default %(default)s)")
+    g.add_argument("--time-sampling", choices=("uniform", "lognormal"), default="uniform",
+                   help="how training times are drawn (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise (default %(default)s)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    g.add_argument("--out", default=out, help="run directory for checkpoints and log.jsonl (default %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default %(default)s)")
+    g.add_argument("--log-every", type=int, default=50, help="log every N steps (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                       warmup=a.warmup, grad_clip=a.grad_clip, ema_decay=a.ema_decay, seed=a.seed,
+                       log_every=a.log_every, ckpt_every=a.ckpt_every)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttfm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distill flow-matching teachers into two-time flow maps (ITVM, LFMD, EMD).",
+        epilog="Start with `ttfm demo` (a few minutes on a laptop CPU). The usual sequence by hand:\n"
+               "  ttfm train-teacher --data moons --out runs/teacher\n"
+               "  ttfm distill --teacher runs/teacher --loss itvm --out runs/itvm\n"
+               "  ttfm eval --ckpt runs/itvm --steps 1,2,4,8\n"
+               "  ttfm sample --ckpt runs/itvm --steps 2 --out samples.npy --png samples.png\n"
+               "`ttfm COMMAND --help` lists each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="teacher + ITVM/LFMD/EMD on 2D checkerboard: table, results.json, samples.png",
+                       description="Train a flow-matching teacher on 2D checkerboard, distill it with ITVM, LFMD "
+                       "and EMD under the same budget and seed, and evaluate 1/2/4/8-step sampling.")
+    p.add_argument("--quick", action="store_true", help="a tiny run (well under a minute) to check the pipeline")
+    p.add_argument("--out", default="ttfm_demo", help="output directory (default ./%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train-teacher", help="train a flow-matching teacher v(x, t) (models.MLP)",
+                       description="Train a flow-matching teacher models.MLP on a data set.")
+    p.add_argument("--data", default="checkerboard", help=_DATA_HELP + " (default %(default)s)")
+    p.add_argument("--preset", default="small", help="model size: tiny, small or base (default %(default)s)")
+    p.add_argument("--sigma", type=float, default=1.0, help="noise scale of x0 ~ N(0, sigma^2 I) (default 1)")
+    _add_train_args(p, steps=5000, lr=1e-3, out="runs/teacher")
+
+    p = sub.add_parser("distill", help="distill a teacher into a two-time flow map u(x, s, t)",
+                       description="Distill a teacher checkpoint into models.TwoTimeMLP, initialised from the "
+                       "teacher so that u(x, s, t) = v(x, s) at the start.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint file or run directory")
+    p.add_argument("--loss", default="itvm", help=f"distillation loss: {', '.join(LOSSES)} (default %(default)s)")
+    p.add_argument("--target", default="jvp", help=f"ITVM terminal target: {', '.join(TARGETS)} "
+                   "(default %(default)s)")
+    p.add_argument("--data", default=None, help=_DATA_HELP + " (default: the teacher's)")
+    _add_train_args(p, steps=2000, lr=3e-4, out="runs/student")
+
+    p = sub.add_parser("sample", help="draw samples from a student (N flow-map steps) or a teacher (N Heun steps)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (default %(default)s)")
+    p.add_argument("-n", "--num", type=int, default=10000, help="number of samples (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    p.add_argument("--out", default="samples.npy", help="output .npy file (default %(default)s)")
+    p.add_argument("--png", default=None, help="also write a scatter plot (2D only) to this .png")
+
+    p = sub.add_parser("eval", help="metrics of a student at several step counts against its teacher and the data")
+    p.add_argument("--ckpt", required=True, help="student checkpoint file or run directory")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the one the student names)")
+    p.add_argument("--data", default=None, help=_DATA_HELP + " (default: the student's)")
+    p.add_argument("--steps", type=_steps_list, default=(1, 2, 4, 8), help="step counts (default 1,2,4,8)")
+    p.add_argument("-n", "--num", type=int, default=8192, help="samples per evaluation (default %(default)s)")
+    p.add_argument("--teacher-steps", type=int, default=200, help="Heun steps of the teacher reference "
+                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write the metrics to this .json file")
+    return parser
+
+
+def _print_summary(what: str, summary: dict[str, Any], out: str) -> None:
+    spt = summary.get("sec_per_step")
+    print(f"{what}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}"
+          + (f", {spt * 1000:.1f} ms/step" if spt else "") + f"; wrote {out} (latest {summary['checkpoint']})")
+
+
+def _cmd_train_teacher(a: argparse.Namespace) -> None:
+    data = load_data(a.data)
+    summary = train_teacher(data, a.data, a.out, _train_config(a), preset=a.preset, sigma=a.sigma,
+                            time_sampling=a.time_sampling, device=a.device, progress=not a.no_progress,
+                            resume=a.resume)
+    _print_summary("teacher", summary, a.out)
+
+
+def _cmd_distill(a: argparse.Namespace) -> None:
+    if a.loss not in LOSSES:
+        raise ValueError(f"unknown loss {a.loss!r}; choose one of {', '.join(LOSSES)}")
+    _, tconfig = load_model(a.teacher)
+    spec = a.data or tconfig.get("data", "checkerboard")
+    summary = distill(a.teacher, load_data(spec), spec, a.out, _train_config(a), loss=a.loss, target=a.target,
+                      time_sampling=a.time_sampling, device=a.device, progress=not a.no_progress, resume=a.resume)
+    _print_summary(f"distill ({a.loss})", summary, a.out)
+
+
+def _draw(model: torch.nn.Module, config: dict[str, Any], n: int, steps: int, seed: int) -> torch.Tensor:
+    from ttfm_kernels.flow import ode_solve, sample
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = float(getattr(model, "sigma", 1.0)) * torch.randn(n, model.dim, generator=g)
+    with torch.no_grad():
+        if config.get("kind") == "teacher":
+            return ode_solve(model, x0, steps=steps, method="heun")
+        return sample(model, x0, steps=steps)
+
+
+def _cmd_sample(a: argparse.Namespace) -> None:
+    model, config = load_model(a.ckpt)
+    x = _draw(model, config, a.num, a.steps, a.seed)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, x.numpy())
+    print(f"wrote {a.num} samples ({a.steps} steps) to {out}")
+    if a.png:
+        _scatter_png(a.png, [[(f"{config.get('loss', 'teacher')} N={a.steps}", x)]])
+        print(f"wrote {a.png}")
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    student, config = load_model(a.ckpt)
+    if config.get("kind") != "student":
+        raise CheckpointError(f"{a.ckpt} is not a student checkpoint; `ttfm eval` evaluates distilled students")
+    teacher, _ = load_model(a.teacher or config["teacher"])
+    data = load_data(a.data or config["data"])
+    name = config.get("loss", "student")
+    res = evaluate({name: student}, teacher, data, steps=a.steps, n=a.num, teacher_steps=a.teacher_steps,
+                   seed=a.seed)
+    print(format_table(res, [name]))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {a.out}")
+
+
+def format_table(res: dict[str, Any], methods: list[str]) -> str:
+    """One block per metric: rows are methods (and the teacher's N-step Euler solve), columns step counts."""
+    steps = [str(k) for k in res["steps"]]
+    rows = ["teacher_euler", *methods]
+    lines = []
+    for key, title in _METRICS:
+        if key not in res[rows[-1]][steps[0]]:
+            continue
+        lines.append(f"{title} (lower is better)")
+        lines.append(f"  {'method':<16}" + "".join(f"{'N=' + k:>10}" for k in steps))
+        for r in rows:
+            label = "teacher Euler" if r == "teacher_euler" else r.upper()
+            lines.append(f"  {label:<16}" + "".join(f"{res[r][k][key]:>10.4f}" for k in steps))
+        if key != "teacher_rmse":
+            lines.append(f"  {'teacher Heun-' + str(res['teacher_steps']):<16}{res['teacher_heun'][key]:>10.4f}"
+                         f"   (data vs data floor: {res['floor'][key]:.4f})")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _scatter_png(path: str | Path, grid: list[list[tuple[str, torch.Tensor] | None]], *,
+                 extent: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows, ncols = len(grid), max(len(r) for r in grid)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.2 * nrows), squeeze=False)
+    for i, row in enumerate(grid):
+        for j in range(ncols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cell = row[j] if j < len(row) else None
+            if cell is None:
+                ax.axis("off")
+                continue
+            title, pts = cell
+            pts = pts.detach().cpu().numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=0.5, alpha=0.4, linewidths=0, rasterized=True)
+            ax.set_title(title, fontsize=8)
+            if extent is not None:
+                ax.set_xlim(-extent, extent)
+                ax.set_ylim(-extent, extent)
+            ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# The demo's budgets. Full: sized to finish in a few minutes on 2 CPU cores with meaningful gaps between losses.
+_DEMO = {
+    "full": {"preset": "small", "teacher": {"steps": 4000, "batch_size": 1024, "lr": 1e-3, "warmup": 200},
+             "student": {"steps": 1500, "batch_size": 512, "lr": 3e-4, "warmup": 100, "ema_decay": 0.99},
+             "eval": {"n": 8192, "teacher_steps": 200}},
+    "quick": {"preset": "tiny", "teacher": {"steps": 150, "batch_size": 256, "lr": 2e-3, "warmup": 20},
+              "student": {"steps": 30, "batch_size": 128, "lr": 3e-4, "warmup": 5, "ema_decay": 0.9},
+              "eval": {"n": 1024, "teacher_steps": 20}},
+}
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    budget = _DEMO["quick" if a.quick else "full"]
+    out = Path(a.out)
+    runs = out / "runs"
+    if runs.exists() and any(runs.iterdir()):
+        raise CheckpointError(f"{out} already holds a demo; remove it or pass --out DIR (nothing was overwritten)")
+    data_spec, progress = "checkerboard", not a.no_progress
+    data = load_data(data_spec)
+    command = "ttfm demo" + (" --quick" if a.quick else "") + (f" --seed {a.seed}" if a.seed else "")
+    print(f"{command}: torch {torch.__version__}, {torch.get_num_threads()} threads; writing {out}/")
+    start = time.perf_counter()
+    tcfg = TrainConfig(**budget["teacher"], seed=a.seed, ckpt_every=10**9, log_every=50)
+    teacher_sum = train_teacher(data, data_spec, runs / "teacher", tcfg, preset=budget["preset"], progress=progress)
+    _print_summary("teacher", teacher_sum, str(runs / "teacher"))
+    students, timing = {}, {"teacher": teacher_sum["sec_per_step"]}
+    scfg = TrainConfig(**budget["student"], seed=a.seed, ckpt_every=10**9, log_every=50)
+    for loss in LOSSES:
+        summary = distill(runs / "teacher", data, data_spec, runs / loss, scfg, loss=loss, progress=progress)
+        _print_summary(f"distill ({loss})", summary, str(runs / loss))
+        students[loss] = load_model(runs / loss)[0]
+        timing[loss] = summary["sec_per_step"]
+    teacher, _ = load_model(runs / "teacher")
+    res = evaluate(students, teacher, data, seed=a.seed, **budget["eval"])
+    res.update(command=command, data=data_spec, budget=budget, sec_per_step=timing,
+               threads=torch.get_num_threads(), torch=torch.__version__, wall_s=time.perf_counter() - start)
+    header = (f"{command}  ({data_spec}; teacher {budget['preset']} MLP {tcfg.steps} steps x {tcfg.batch_size}; "
+              f"each student {scfg.steps} steps x {scfg.batch_size}, same seed; {res['n']} samples)\n"
+              "wall-clock per training step: "
+              + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timing.items() if v) + "\n\n")
+    table = header + format_table(res, list(LOSSES))
+    print(table, end="")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(table)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    g = torch.Generator().manual_seed(a.seed)
+    x0 = teacher.sigma * torch.randn(res["n"], data.dim, generator=g)
+    from ttfm_kernels.flow import ode_solve, sample
+
+    with torch.no_grad():
+        grid: list[list[tuple[str, torch.Tensor] | None]] = [
+            [(f"teacher Euler N={k}", ode_solve(teacher, x0, steps=k, method="euler")) for k in res["steps"]]
+            + [("data (held out)", data.held_out(res["n"], a.seed))]]
+        for i, (loss, student) in enumerate(students.items()):
+            extra = (f"teacher Heun-{res['teacher_steps']}",
+                     ode_solve(teacher, x0, steps=res["teacher_steps"], method="heun")) if i == 0 else None
+            grid.append([(f"{loss.upper()} N={k}", sample(student, x0, steps=k)) for k in res["steps"]] + [extra])
+    _scatter_png(out / "samples.png", grid, extent=2.6)
+    print(f"wrote {out / 'table.txt'}, {out / 'results.json'}, {out / 'samples.png'} "
+          f"({res['wall_s']:.0f} s)")
+
+
+_COMMANDS = {"demo": _cmd_demo, "train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
+             "sample": _cmd_sample, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ttfm`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        _COMMANDS[args.command](args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"ttfm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"ttfm {args.command}: training diverged: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Time conditioning shared by every model: sinusoidal embeddings of float times, and two-time conditioning.
+
+Times are differentiable floats in [0, 1] (never rounded to integer steps), so forward-mode tangents in t
+(and in s) flow through the embedding: d/dt cos(w t) = -w sin(w t).
+
+A teacher v(x, t) embeds t with ``TimeEmbedding``. A student u(x, s, t) embeds s and (t - s) with
+``TwoTimeEmbedding``: the sum of an s-embedding and a (t - s)-embedding. With the (t - s) branch's output
+layer zeroed, the student's conditioning equals the teacher's conditioning at time s, which is how
+``from_teacher`` makes u(x, s, t) start equal to v(x, s). The t-tangent then enters only through the (t - s)
+branch (MATH.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["TimeEmbedding", "TwoTimeEmbedding", "sinusoidal_embedding"]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
+                         max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of float times.
+
+    t: (B,) floating; returns (B, dim) in t's dtype: ``[cos(scale * t * f_k), sin(scale * t * f_k)]`` with
+    frequencies f_k = max_period ** (-k / (dim // 2)), k = 0 .. dim // 2 - 1 (a zero column pads odd dims).
+    ``scale=1000, max_period=10000`` is the DiT/ADM convention for t in [0, 1]; low-dimensional models use a
+    smaller ``scale`` so that d/dt of the embedding stays moderate. Differentiable (also under forward AD) in t.
+    """
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"t must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 1:
+        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
+    if dim < 2:
+        raise ValueError(f"dim must be at least 2, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (scale * t)[:, None] * freqs.to(t.dtype)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t followed by Linear -> SiLU -> Linear: (B,) -> (B, out_dim).
+
+    Eager equivalent: ``mlp(sinusoidal_embedding(t, freq_dim, scale=scale, max_period=max_period))``.
+    """
+
+    def __init__(self, out_dim: int, freq_dim: int = 64, *, scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim, self.scale, self.max_period = freq_dim, scale, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = sinusoidal_embedding(t, self.freq_dim, scale=self.scale, max_period=self.max_period)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class TwoTimeEmbedding(nn.Module):
+    """Two-time conditioning: ``s_embed(s) + d_embed(t - s)``, each a ``TimeEmbedding``: (B,), (B,) -> (B, out_dim).
+
+    ``load_from_time_embedding(emb)`` copies a teacher's ``TimeEmbedding`` into ``s_embed`` and zeroes
+    ``d_embed``'s output layer, so the result equals ``emb(s)`` for every t while its gradients (and the
+    gradients of the t-tangent) with respect to ``d_embed`` stay non-zero.
+    """
+
+    def __init__(self, out_dim: int, freq_dim: int = 64, *, scale: float = 1000.0, max_period: float = 10000.0):
+        super().__init__()
+        self.s_embed = TimeEmbedding(out_dim, freq_dim, scale=scale, max_period=max_period)
+        self.d_embed = TimeEmbedding(out_dim, freq_dim, scale=scale, max_period=max_period)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.s_embed(s) + self.d_embed(t - s)
+
+    @torch.no_grad()
+    def load_from_time_embedding(self, emb: TimeEmbedding) -> None:
+        self.s_embed.load_state_dict(emb.state_dict())
+        last = self.d_embed.mlp[-1]
+        last.weight.zero_()
+        last.bias.zero_()
