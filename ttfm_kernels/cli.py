@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ttfm_kernels.train.checkpoint import CheckpointError
-from ttfm_kernels.train.data import TOY_DATASETS, PointData, load_data
+from ttfm_kernels.train.data import TOY_DATASETS, load_data
 from ttfm_kernels.train.runs import LOSSES, TARGETS, distill, evaluate, load_model, train_teacher
 from ttfm_kernels.train.trainer import TrainConfig, TrainingDiverged
 
@@ -245,8 +245,8 @@ def _scatter_png(path: str | Path, grid: list[list[tuple[str, torch.Tensor] | No
 
 # The demo's budgets. Full: sized to finish in a few minutes on 2 CPU cores with meaningful gaps between losses.
 _DEMO = {
-    "full": {"preset": "small", "teacher": {"steps": 4000, "batch_size": 1024, "lr": 1e-3, "warmup": 200},
-             "student": {"steps": 1500, "batch_size": 512, "lr": 3e-4, "warmup": 100, "ema_decay": 0.99},
+    "full": {"preset": "small", "teacher": {"steps": 3000, "batch_size": 512, "lr": 1e-3, "warmup": 200},
+             "student": {"steps": 1000, "batch_size": 512, "lr": 3e-4, "warmup": 50, "ema_decay": 0.99},
              "eval": {"n": 8192, "teacher_steps": 200}},
     "quick": {"preset": "tiny", "teacher": {"steps": 150, "batch_size": 256, "lr": 2e-3, "warmup": 20},
               "student": {"steps": 30, "batch_size": 128, "lr": 3e-4, "warmup": 5, "ema_decay": 0.9},

@@ -52,7 +52,8 @@ def test_from_teacher_starts_equal_and_learns_a_t_tangent():
     teacher = MLP.from_preset("tiny", sigma=0.7).double()
     student = TwoTimeMLP.from_teacher(teacher)
     assert student.sigma == 0.7 and next(student.parameters()).dtype == torch.float64
-    x, s, t = torch.randn(8, 2, dtype=torch.float64), torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    s, t = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
     torch.testing.assert_close(student(x, s, t), teacher(x, s), rtol=0, atol=0)
     # The t-tangent enters only through the (t - s) branch, zeroed at the start; its gradient is not zero, so a
     # loss on du/dt (LFMD) can move it.

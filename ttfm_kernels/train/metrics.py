@@ -33,15 +33,16 @@ def teacher_match_rmse(samples: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _quantiles(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, P) -> (n, P): each column's empirical quantiles at the n mid-points (k + 1/2) / n."""
-    xs = torch.sort(x, dim=0).values
-    if xs.shape[0] == n:
+    """(P, N) -> (P, n): each row's empirical quantiles at the n mid-points (k + 1/2) / n."""
+    xs = torch.sort(x, dim=1).values
+    m = xs.shape[1]
+    if m == n:
         return xs
-    pos = (torch.arange(n, dtype=x.dtype) + 0.5) / n * xs.shape[0] - 0.5
-    lo = pos.floor().clamp(0, xs.shape[0] - 1).long()
-    hi = (lo + 1).clamp(max=xs.shape[0] - 1)
-    w = (pos - lo).clamp(0, 1)[:, None]
-    return xs[lo] * (1 - w) + xs[hi] * w
+    pos = (torch.arange(n, dtype=x.dtype) + 0.5) / n * m - 0.5
+    lo = pos.floor().clamp(0, m - 1).long()
+    hi = (lo + 1).clamp(max=m - 1)
+    w = (pos - lo).clamp(0, 1)
+    return xs[:, lo] * (1 - w) + xs[:, hi] * w
 
 
 def sliced_w2(a: torch.Tensor, b: torch.Tensor, *, num_projections: int = 256, seed: int = 0) -> float:
@@ -55,10 +56,10 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, *, num_projections: int = 256, s
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
     g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], num_projections, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = a.detach().cpu().double() @ dirs, b.detach().cpu().double() @ dirs
-    n = max(pa.shape[0], pb.shape[0])
+    dirs = torch.randn(num_projections, a.shape[1], generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    pa, pb = dirs @ a.detach().cpu().double().T, dirs @ b.detach().cpu().double().T  # (P, N), (P, M)
+    n = max(pa.shape[1], pb.shape[1])
     return float((_quantiles(pa, n) - _quantiles(pb, n)).pow(2).mean().sqrt())
 
 

@@ -97,10 +97,10 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
 
     def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
         if loss == "itvm":
-            return itvm_loss(m, teacher, x1, ema=ema, target=target, time_sampler=sampler)
+            return itvm_loss(m, teacher, ema, x1, target=target, time_sampler=sampler)
         if loss == "lfmd":
             return lfmd_loss(m, teacher, x1, time_sampler=sampler)
-        return emd_loss(m, teacher, x1, time_sampler=sampler)
+        return emd_loss(m, teacher, x1, time_sampler=sampler)  # its own JVP (ema=None), as in MeanFlow-style EMD
 
     run_config = {"kind": "student", "model": _model_spec(student), "data": data_spec, "loss": loss,
                   "target": target if loss == "itvm" else None, "teacher": str(resolve_checkpoint(teacher_path)),
@@ -119,8 +119,9 @@ def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor 
 
 
 @torch.no_grad()
-def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData, *, steps: tuple[int, ...] = (1, 2, 4, 8),
-             n: int = 8192, teacher_steps: int = 200, seed: int = 0) -> dict[str, Any]:
+def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData, *,
+             steps: tuple[int, ...] = (1, 2, 4, 8), n: int = 8192, teacher_steps: int = 200,
+             seed: int = 0) -> dict[str, Any]:
     """Metrics of each student's N-step samples, and of the teacher's N-step Euler solve, for every N in ``steps``.
 
     All samples start from the same noise x0 ~ N(0, sigma^2 I) (sigma from the teacher). ``teacher_rmse`` is
