@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttfm_kernels.flow import ode_solve, sample
 from ttfm_kernels.train.checkpoint import CheckpointError
 from ttfm_kernels.train.data import TOY_DATASETS, load_data
 from ttfm_kernels.train.runs import LOSSES, TARGETS, distill, evaluate, load_model, train_teacher
@@ -122,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the one the student names)")
     p.add_argument("--data", default=None, help=_DATA_HELP + " (default: the student's)")
     p.add_argument("--steps", type=_steps_list, default=(1, 2, 4, 8), help="step counts (default 1,2,4,8)")
-    p.add_argument("-n", "--num", type=int, default=8192, help="samples per evaluation (default %(default)s)")
-    p.add_argument("--teacher-steps", type=int, default=200, help="Heun steps of the teacher reference "
+    p.add_argument("-n", "--num", type=int, default=4096, help="samples per evaluation (default %(default)s)")
+    p.add_argument("--teacher-steps", type=int, default=100, help="Heun steps of the teacher reference "
                    "(default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the metrics to this .json file")
@@ -155,8 +156,6 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 
 def _draw(model: torch.nn.Module, config: dict[str, Any], n: int, steps: int, seed: int) -> torch.Tensor:
-    from ttfm_kernels.flow import ode_solve, sample
-
     g = torch.Generator().manual_seed(seed)
     x0 = float(getattr(model, "sigma", 1.0)) * torch.randn(n, model.dim, generator=g)
     with torch.no_grad():
@@ -184,8 +183,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     teacher, _ = load_model(a.teacher or config["teacher"])
     data = load_data(a.data or config["data"])
     name = config.get("loss", "student")
-    res = evaluate({name: student}, teacher, data, steps=a.steps, n=a.num, teacher_steps=a.teacher_steps,
-                   seed=a.seed)
+    res, _ = evaluate({name: student}, teacher, data, steps=a.steps, n=a.num, teacher_steps=a.teacher_steps,
+                      seed=a.seed)
     print(format_table(res, [name]))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
@@ -247,7 +246,7 @@ def _scatter_png(path: str | Path, grid: list[list[tuple[str, torch.Tensor] | No
 _DEMO = {
     "full": {"preset": "small", "teacher": {"steps": 3000, "batch_size": 512, "lr": 1e-3, "warmup": 200},
              "student": {"steps": 1000, "batch_size": 512, "lr": 3e-4, "warmup": 50, "ema_decay": 0.99},
-             "eval": {"n": 8192, "teacher_steps": 200}},
+             "eval": {"n": 4096, "teacher_steps": 100}},
     "quick": {"preset": "tiny", "teacher": {"steps": 150, "batch_size": 256, "lr": 2e-3, "warmup": 20},
               "student": {"steps": 30, "batch_size": 128, "lr": 3e-4, "warmup": 5, "ema_decay": 0.9},
               "eval": {"n": 1024, "teacher_steps": 20}},
@@ -276,7 +275,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
         students[loss] = load_model(runs / loss)[0]
         timing[loss] = summary["sec_per_step"]
     teacher, _ = load_model(runs / "teacher")
-    res = evaluate(students, teacher, data, seed=a.seed, **budget["eval"])
+    res, drawn = evaluate(students, teacher, data, seed=a.seed, **budget["eval"])
     res.update(command=command, data=data_spec, budget=budget, sec_per_step=timing,
                threads=torch.get_num_threads(), torch=torch.__version__, wall_s=time.perf_counter() - start)
     header = (f"{command}  ({data_spec}; teacher {budget['preset']} MLP {tcfg.steps} steps x {tcfg.batch_size}; "
@@ -288,18 +287,12 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.txt").write_text(table)
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    g = torch.Generator().manual_seed(a.seed)
-    x0 = teacher.sigma * torch.randn(res["n"], data.dim, generator=g)
-    from ttfm_kernels.flow import ode_solve, sample
-
-    with torch.no_grad():
-        grid: list[list[tuple[str, torch.Tensor] | None]] = [
-            [(f"teacher Euler N={k}", ode_solve(teacher, x0, steps=k, method="euler")) for k in res["steps"]]
-            + [("data (held out)", data.held_out(res["n"], a.seed))]]
-        for i, (loss, student) in enumerate(students.items()):
-            extra = (f"teacher Heun-{res['teacher_steps']}",
-                     ode_solve(teacher, x0, steps=res["teacher_steps"], method="heun")) if i == 0 else None
-            grid.append([(f"{loss.upper()} N={k}", sample(student, x0, steps=k)) for k in res["steps"]] + [extra])
+    grid: list[list[tuple[str, torch.Tensor] | None]] = [
+        [(f"teacher Euler N={k}", drawn["teacher_euler"][str(k)]) for k in res["steps"]]
+        + [("data (held out)", drawn["data"])]]
+    for i, loss in enumerate(students):
+        extra = (f"teacher Heun-{res['teacher_steps']}", drawn["teacher_heun"]) if i == 0 else None
+        grid.append([(f"{loss.upper()} N={k}", drawn[loss][str(k)]) for k in res["steps"]] + [extra])
     _scatter_png(out / "samples.png", grid, extent=2.6)
     print(f"wrote {out / 'table.txt'}, {out / 'results.json'}, {out / 'samples.png'} "
           f"({res['wall_s']:.0f} s)")

@@ -98,6 +98,11 @@ def test_fresh_run_refuses_a_directory_with_checkpoints_and_resume_needs_one(tmp
     assert (tmp_path / "ckpt_00000004.pt").read_bytes() == before
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         _trainer(tmp_path / "empty", _fm_loss()).fit(resume=True)
+    other = _trainer(tmp_path, _fm_loss(), steps=8)
+    other.run_config["note"] = "another run"
+    with pytest.raises(CheckpointError, match=r"belongs to a different run.*note: 'test' in the checkpoint"):
+        other.fit(resume=True)
+    assert list(tmp_path.glob("ckpt_*.pt")) == [tmp_path / "ckpt_00000004.pt"]
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

@@ -120,27 +120,32 @@ def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor 
 
 @torch.no_grad()
 def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData, *,
-             steps: tuple[int, ...] = (1, 2, 4, 8), n: int = 8192, teacher_steps: int = 200,
-             seed: int = 0) -> dict[str, Any]:
+             steps: tuple[int, ...] = (1, 2, 4, 8), n: int = 4096, teacher_steps: int = 100,
+             seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of each student's N-step samples, and of the teacher's N-step Euler solve, for every N in ``steps``.
 
     All samples start from the same noise x0 ~ N(0, sigma^2 I) (sigma from the teacher). ``teacher_rmse`` is
     against the teacher's ``teacher_steps``-step Heun solve from that noise; ``sw2`` and ``kl`` are against
     ``n`` held-out data points. ``floor`` holds the same metrics between two independent held-out draws (what
     sampling noise alone gives: no method can be expected to go below it).
+    Returns ``(metrics, samples)``: samples[row][str(N)] are the (n, D) points scored in metrics[row][str(N)]
+    (rows: "teacher_euler" and each student; samples["teacher_heun"] and samples["data"] are single tensors).
     """
     g = torch.Generator().manual_seed(seed)
     sigma = float(getattr(teacher, "sigma", 1.0))
     x0 = sigma * torch.randn(n, data.dim, generator=g)
     held = data.held_out(n, seed)
     reference = ode_solve(teacher, x0, steps=teacher_steps, method="heun")
-    result: dict[str, Any] = {
+    samples: dict[str, Any] = {"data": held, "teacher_heun": reference,
+                               "teacher_euler": {str(k): ode_solve(teacher, x0, steps=k, method="euler")
+                                                 for k in steps}}
+    for name, student in students.items():
+        samples[name] = {str(k): sample(student, x0, steps=k) for k in steps}
+    metrics: dict[str, Any] = {
         "n": n, "seed": seed, "steps": list(steps), "teacher_steps": teacher_steps,
         "floor": _quality(data.held_out(n, seed + 1), held, None, seed),
         "teacher_heun": _quality(reference, held, None, seed),
-        "teacher_euler": {str(k): _quality(ode_solve(teacher, x0, steps=k, method="euler"), held, reference, seed)
-                          for k in steps},
     }
-    for name, student in students.items():
-        result[name] = {str(k): _quality(sample(student, x0, steps=k), held, reference, seed) for k in steps}
-    return result
+    for row in ["teacher_euler", *students]:
+        metrics[row] = {k: _quality(x, held, reference, seed) for k, x in samples[row].items()}
+    return metrics, samples

@@ -134,6 +134,11 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"--resume given but {self.out_dir} holds no checkpoint (ckpt_*.pt)")
         state = load_checkpoint(path)
+        differ = [f"{k}: {state['config'].get(k)!r} in the checkpoint, {v!r} now" for k, v in self.run_config.items()
+                  if k != "train" and state["config"].get(k) != v]
+        if differ:
+            raise CheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(differ)}); resume it "
+                                  "with the same settings, or choose another output directory")
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
