@@ -91,6 +91,9 @@ def test_distill_sample_eval_roundtrip(tmp_path, teacher_dir, capsys):
     student = tmp_path / "student"
     assert main(["distill", "--teacher", str(teacher_dir), "--loss", "itvm", "--steps", "6", "--batch-size", "32",
                  "--warmup", "1", "--no-progress", "--out", str(student)]) == 0
+    assert main(["distill", "--teacher", str(teacher_dir), "--loss", "lfmd", "--adaptive", "1", "--steps", "2",
+                 "--batch-size", "16", "--warmup", "1", "--no-progress", "--out", str(tmp_path / "lfmd")]) == 0
+    assert load_checkpoint(tmp_path / "lfmd")["config"]["adaptive"] == 1.0
     assert main(["sample", "--ckpt", str(student), "--steps", "2", "-n", "100", "--out", str(tmp_path / "s.npy"),
                  "--png", str(tmp_path / "s.png")]) == 0
     pts = np.load(tmp_path / "s.npy")

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="itvm", help=f"distillation loss: {', '.join(LOSSES)} (default %(default)s)")
     p.add_argument("--target", default="jvp", help=f"ITVM terminal target: {', '.join(TARGETS)} "
                    "(default %(default)s)")
+    p.add_argument("--adaptive", type=float, default=0.0, metavar="P", help="weight each sample's loss by "
+                   "1 / (loss + 1e-3)^P, no gradient through the weight (MeanFlow's adaptive weighting; 0 = off, "
+                   "the default)")
     p.add_argument("--data", default=None, help=_DATA_HELP + " (default: the teacher's)")
     _add_train_args(p, steps=2000, lr=3e-4, out="runs/student")
 
@@ -151,7 +154,8 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     _, tconfig = load_model(a.teacher)
     spec = a.data or tconfig.get("data", "checkerboard")
     summary = distill(a.teacher, load_data(spec), spec, a.out, _train_config(a), loss=a.loss, target=a.target,
-                      time_sampling=a.time_sampling, device=a.device, progress=not a.no_progress, resume=a.resume)
+                      adaptive=a.adaptive, time_sampling=a.time_sampling, device=a.device,
+                      progress=not a.no_progress, resume=a.resume)
     _print_summary(f"distill ({a.loss})", summary, a.out)
 
 

@@ -66,11 +66,14 @@ class MLP(_Preset, nn.Module):
 
     x: (B, dim) floating, t: (B,) floating in [0, 1] -> (B, dim). ``sigma`` is the noise scale of x0 ~ N(0,
     sigma^2 I) it was (or will be) trained with (MATH.md section 1). ``time_scale`` multiplies t inside the
-    sinusoidal embedding (frequencies from time_scale down to time_scale / max_period).
+    sinusoidal embedding (frequencies from time_scale down to time_scale / max_period). The default 1.0 keeps
+    d/dt of the embedding small: on the 2D demo, students built with time_scale 10 or 100 made the ITVM "jvp"
+    and EMD targets (which contain (t - s) du/dt of a stop-gradient copy) grow without bound within a few
+    hundred steps, while time_scale 1 trained stably with the same teacher loss.
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, freq_dim: int = 32, *,
-                 time_scale: float = 100.0, max_period: float = 1000.0, sigma: float = 1.0):
+                 time_scale: float = 1.0, max_period: float = 1000.0, sigma: float = 1.0):
         super().__init__()
         self.config = {"dim": dim, "hidden": hidden, "depth": depth, "freq_dim": freq_dim,
                        "time_scale": time_scale, "max_period": max_period, "sigma": sigma}
@@ -90,7 +93,7 @@ class TwoTimeMLP(_Preset, nn.Module):
     """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, freq_dim: int = 32, *,
-                 time_scale: float = 100.0, max_period: float = 1000.0, sigma: float = 1.0):
+                 time_scale: float = 1.0, max_period: float = 1000.0, sigma: float = 1.0):
         super().__init__()
         self.config = {"dim": dim, "hidden": hidden, "depth": depth, "freq_dim": freq_dim,
                        "time_scale": time_scale, "max_period": max_period, "sigma": sigma}

@@ -80,9 +80,13 @@ def train_teacher(data: PointData, data_spec: str, out_dir: str | Path, cfg: Tra
 
 
 def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *,
-            loss: str = "itvm", target: str = "jvp", time_sampling: str = "uniform", device: str = "cpu",
-            progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Distill the teacher checkpoint into a ``TwoTimeMLP`` (initialised from the teacher) with ``loss``."""
+            loss: str = "itvm", target: str = "jvp", adaptive: float = 0.0, time_sampling: str = "uniform",
+            device: str = "cpu", progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Distill the teacher checkpoint into a ``TwoTimeMLP`` (initialised from the teacher) with ``loss``.
+
+    ``adaptive`` = p > 0 weights each sample's loss l_b by 1 / sg(l_b + 1e-3)^p (the adaptive weighting of
+    MeanFlow; p = 1 normalises every sample's gradient), applied the same way to every loss.
+    """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if target not in TARGETS:
@@ -95,15 +99,22 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
     student = TwoTimeMLP.from_teacher(teacher).requires_grad_(True)
     sampler = TimeSampler(marginal=time_sampling)
 
+    reduction = "none" if adaptive > 0 else "mean"
+
     def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
         if loss == "itvm":
-            return itvm_loss(m, teacher, ema, x1, target=target, time_sampler=sampler)
-        if loss == "lfmd":
-            return lfmd_loss(m, teacher, x1, time_sampler=sampler)
-        return emd_loss(m, teacher, x1, time_sampler=sampler)  # its own JVP (ema=None), as in MeanFlow-style EMD
+            value, stats = itvm_loss(m, teacher, ema, x1, target=target, time_sampler=sampler, reduction=reduction)
+        elif loss == "lfmd":
+            value, stats = lfmd_loss(m, teacher, x1, time_sampler=sampler, reduction=reduction)
+        else:  # the student's own JVP (ema=None), as in MeanFlow-style EMD
+            value, stats = emd_loss(m, teacher, x1, time_sampler=sampler, reduction=reduction)
+        if adaptive > 0:
+            value = (value / (value.detach() + 1e-3) ** adaptive).mean()
+        return value, stats
 
     run_config = {"kind": "student", "model": _model_spec(student), "data": data_spec, "loss": loss,
-                  "target": target if loss == "itvm" else None, "teacher": str(resolve_checkpoint(teacher_path)),
+                  "target": target if loss == "itvm" else None, "adaptive": adaptive,
+                  "teacher": str(resolve_checkpoint(teacher_path)),
                   "time_sampling": time_sampling}
     return _fit(student, loss_fn, data, cfg, out_dir, run_config, device=device, progress=progress, resume=resume,
                 desc=loss)
