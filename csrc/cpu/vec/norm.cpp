@@ -3,8 +3,8 @@
 // One "row" is what one set of statistics covers: a row of C features (LayerNorm, num_groups == 0, x viewed
 // as (B, N, C)) or one group of C/G channels x HW positions (GroupNorm, x (B, C, HW)). Rows run in parallel;
 // each row is read from memory once (the statistics passes re-read it from cache) and y, ty written once.
-// Per element everything is affine in x and tx with per-(sample, channel) coefficients:
-//   y = A x + B,   ty = A tx + D x + E,   then z = y sigmoid(y), tz = ty sigmoid(y) (1 + y (1 - sigmoid(y)))
+// Per element everything is affine in xc = x - mean(x) and tc = tx - mean(tx) with per-(sample, channel)
+// coefficients:   y = A xc + B,   ty = A tc + D xc + E,   then z = y sigmoid(y), tz = ty sigmoid(y) (1 + y (1 - sigmoid(y)))
 // The small parameters (weight, bias, scale, shift, tscale, tshift) arrive in the accumulation type
 // (float, or double for double inputs), contiguous; the wrapper fills absent ones with 1 / 0.
 #include <ATen/ATen.h>
@@ -65,35 +65,36 @@ RowStats row_stats(const T* x, const T* tx, int64_t n, double eps) {
   return {static_cast<double>(mean), rstd, static_cast<double>(sum_t) / n, rstd * static_cast<double>(sum_cr) / n};
 }
 
-// Coefficients A, B, D, E of one channel (scalars, or vectors of channels for LayerNorm rows).
+// Coefficients of one channel (scalars, or vectors of channels for LayerNorm rows), in the centred variables
+// xc = x - mean and tc = tx - mean(tx) (a form affine in x and tx themselves cancels catastrophically when a
+// row's mean is large against its spread, e.g. a tangent that is nearly constant over the row).
 template <typename V>
 struct Coeffs {
-  V a, b, d, e;
+  V mean, tmean, a, b, d, e;
 };
 
 template <typename V, typename T>
 Coeffs<V> coeffs(V w, V bias, V scale, V shift, V tscale, V tshift, const RowStats& st) {
-  const V mean(static_cast<T>(st.mean)), rstd(static_cast<T>(st.rstd));
-  const V tmean(static_cast<T>(st.tmean)), txh(static_cast<T>(st.txh)), one(static_cast<T>(1));
+  const V rstd(static_cast<T>(st.rstd)), tmean(static_cast<T>(st.tmean)), txh(static_cast<T>(st.txh));
+  const V one(static_cast<T>(1));
   const V wr = w * rstd;          // d(norm affine)/dx
   const V a = wr * (one + scale);  // dy/dx
-  const V p0 = bias - wr * mean;   // the norm affine at x = 0
-  // ty = a (tx - tmean - xh txh) + (wr (x - mean) + bias) tscale + tshift, expanded in x and tx.
-  const V d = wr * tscale - a * rstd * txh;
-  const V e = a * (rstd * txh * mean - tmean) + p0 * tscale + tshift;
-  return {a, p0 * (one + scale) + shift, d, e};
+  // ty = a (tc - xh txh) + (wr xc + bias) tscale + tshift, with xh = rstd xc.
+  return {V(static_cast<T>(st.mean)), tmean, a, bias * (one + scale) + shift, wr * tscale - a * rstd * txh,
+          bias * tscale + tshift};
 }
 
-// y (and ty) for n elements sharing coefficient vectors (broadcast scalars for GroupNorm).
+// y (and ty) for n elements sharing coefficient vectors (broadcast scalars for GroupNorm):
+//   y = a xc + b,  ty = a tc + d xc + e,  then the SiLU and its tangent.
 template <typename T, bool HasTx, bool HasTy, bool Silu>
 inline void apply(const Coeffs<Vectorized<T>>& c, const T* x, const T* tx, T* y, T* ty, int64_t count) {
   using Vec = Vectorized<T>;
-  const Vec xv = Vec::loadu(x, count);
-  Vec yv = at::vec::fmadd(c.a, xv, c.b);
+  const Vec xc = Vec::loadu(x, count) - c.mean;
+  Vec yv = at::vec::fmadd(c.a, xc, c.b);
   Vec tyv;
   if constexpr (HasTy) {
-    tyv = at::vec::fmadd(c.d, xv, c.e);
-    if constexpr (HasTx) tyv = at::vec::fmadd(c.a, Vec::loadu(tx, count), tyv);
+    tyv = at::vec::fmadd(c.d, xc, c.e);
+    if constexpr (HasTx) tyv = at::vec::fmadd(c.a, Vec::loadu(tx, count) - c.tmean, tyv);
   }
   if constexpr (Silu) {
     const Vec one(static_cast<T>(1));
@@ -140,7 +141,7 @@ void row_kernel(const T* x, const T* tx, T* y, T* ty, int64_t len, int64_t hw, i
   for (int64_t cg = 0; cg * hw < len; ++cg) {
     const int64_t c = ch0 + cg;
     const Coeffs<T> k1 = coeffs<T, T>(w[c], b[c], s[c], sh[c], ts[c], tsh[c], st);
-    const Coeffs<Vec> k{Vec(k1.a), Vec(k1.b), Vec(k1.d), Vec(k1.e)};
+    const Coeffs<Vec> k{Vec(k1.mean), Vec(k1.tmean), Vec(k1.a), Vec(k1.b), Vec(k1.d), Vec(k1.e)};
     const int64_t base = cg * hw;
     for (int64_t i = 0; i < hw; i += V) {
       const int64_t n = std::min(V, hw - i);

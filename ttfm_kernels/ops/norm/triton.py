@@ -86,7 +86,7 @@ def _norm_modulate_jvp_kernel(x_ptr, tx_ptr, y_ptr, ty_ptr, w_ptr, b_ptr, s_ptr,
     ch_base = (row % rows_per_sample) * ch_per_row
     if SINGLE:  # the whole row in one block: read once, keep in registers
         offs, mask, x, tx = _load_block(x_ptr, tx_ptr, base, 0, row_len, BLOCK, HAS_TX)
-        mean, m2, tmean, cross = _block_stats(x, tx, mask, row_len.to(tl.float32), HAS_TX)
+        mean, m2, tmean, cross = _block_stats(x, tx, mask, row_len * 1.0, HAS_TX)  # row_len may be constexpr 1
         rstd = 1.0 / tl.sqrt(m2 / row_len + eps)
         txh = rstd * cross / row_len  # mean(xh * tx)
         _write_block(x, tx, offs, mask, y_ptr, ty_ptr, w_ptr, b_ptr, s_ptr, sh_ptr, ts_ptr, tsh_ptr, base, hw,
@@ -150,20 +150,27 @@ def norm_modulate_jvp_triton(x: torch.Tensor, tx: torch.Tensor | None, weight: t
 
 
 def _register_gpu_configs() -> None:
-    """The launcher's GPU configurations: LayerNorm rows (C <= 1024), GroupNorm rows in one block, longer rows."""
+    """The launcher's GPU configurations: LayerNorm rows (C <= 1024), GroupNorm rows in one block, longer rows,
+    and rows of one element (a launch specialises integer arguments equal to 1 into constants)."""
+    ints = ("row_len", "hw", "rows_per_sample", "ch_per_row", "channels")
+    flags = ("BLOCK", "SINGLE", "HAS_TX", "HAS_TY", "SILU")
     for dtype in ("fp32", "fp16", "bf16"):
-        for label, block, single in (("row1024", 1024, True), ("row4096", MAX_BLOCK, True),
-                                     ("swept4096", MAX_BLOCK, False)):
+        variants = [("row1024", 1024, True, {}), ("row4096", MAX_BLOCK, True, {}),
+                    ("swept4096", MAX_BLOCK, False, {})]
+        if dtype == "fp32":
+            variants.append(("row1", 1, True, dict.fromkeys(ints, 1)))
+        for label, block, single, ones in variants:
             signature = {name: f"*{dtype}" for name in ("x_ptr", "tx_ptr", "y_ptr", "ty_ptr")}
             signature |= {name: "*fp32" for name in ("w_ptr", "b_ptr", "s_ptr", "sh_ptr", "ts_ptr", "tsh_ptr")}
-            signature |= {name: "i32" for name in ("row_len", "hw", "rows_per_sample", "ch_per_row", "channels")}
+            signature |= {name: "constexpr" if name in ones else "i32" for name in ints}
             signature |= {"eps": "fp32"}
-            signature |= {name: "constexpr" for name in ("BLOCK", "SINGLE", "HAS_TX", "HAS_TY", "SILU")}
+            signature |= dict.fromkeys(flags, "constexpr")
             register(TritonConfig(
                 name=f"norm_modulate_jvp/{dtype}/{label}",
                 kernel=_norm_modulate_jvp_kernel,
                 signature=signature,
-                constexprs={"BLOCK": block, "SINGLE": single, "HAS_TX": True, "HAS_TY": True, "SILU": True},
+                constexprs={"BLOCK": block, "SINGLE": single, "HAS_TX": True, "HAS_TY": True, "SILU": True,
+                            **ones},
                 num_warps=_launch_config(block)[1],
             ))
 
