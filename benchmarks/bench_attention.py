@@ -1,8 +1,10 @@
-"""jvp_attention: the fused one-pass JVP against torch.func.jvp over math SDPA (the eager way) and against the
+"""Attention JVP: the fused one-pass JVP against torch.func.jvp over math SDPA (the eager way) and against the
 plain SDPA forward (the floor is about 3x the forward's time: 6 matmul-shaped products instead of 2).
 
-CPU: the "auto" backend on CPU tensors (the C++ kernel when built, else the reference formula). GPU cases are
-declared (Triton kernel, fp16/bf16, causal and not, TFLOP/s counting 3x the forward FLOPs) and skipped here.
+CPU: the user's route, ``torch.func.jvp`` over ``ttfm_kernels.attention`` (what ``patch_sdpa`` gives a model), on
+the "auto" backend (the C++ kernel when built, else the reference); the C++ kernel's own cases are in
+``bench_attention_cpu.py``. GPU cases are declared (Triton kernel, fp16/bf16, causal and not, TFLOP/s counting
+3x the forward FLOPs) and skipped here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.harness import peak_rss_mb
-from ttfm_kernels import jvp_attention
+from ttfm_kernels import attention, jvp_attention
 from ttfm_kernels.ops.attention.function import _BACKENDS
 from ttfm_kernels.testing import assert_close_to_ref
 
@@ -33,14 +35,17 @@ def _eager(q, k, v, tq, tk, tv, causal: bool = False) -> tuple[torch.Tensor, tor
                               (tq, tk, tv))
 
 
+def _fused(q, k, v, tq, tk, tv) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+
+
 def make_fn(method: str, shape: list[int], dtype: str) -> Callable[[], object]:
     """A zero-arg call of one method on fresh inputs (the ``peak_rss_mb`` entry point)."""
     args = _inputs(tuple(shape), getattr(torch, dtype))
     if method == "eager":
         return lambda: _eager(*args)
-    small = tuple(t[:1, :1, :16] for t in args)
-    jvp_attention(*small)  # load the extension / warm up outside the measurement
-    return lambda: jvp_attention(*args)
+    _fused(*(t[:1, :1, :16] for t in args))  # load the extension / warm up outside the measurement
+    return lambda: _fused(*args)
 
 
 def _check(args: tuple[torch.Tensor, ...], causal: bool = False) -> None:
@@ -51,11 +56,11 @@ def _check(args: tuple[torch.Tensor, ...], causal: bool = False) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
-def test_jvp_attention_cpu(compare, dtype: str) -> None:
+def test_attention_func_jvp_cpu(compare, dtype: str) -> None:
     args = _inputs(CPU_SHAPE, getattr(torch, dtype))
     backend = _BACKENDS.select("auto", torch.device("cpu"), args[0].dtype)
-    res = compare(case=f"jvp_attention cpu B2 H4 N1024 D64 {dtype}",
-                  fns={"eager": lambda: _eager(*args), "fused": lambda: jvp_attention(*args),
+    res = compare(case=f"attention func.jvp cpu B2 H4 N1024 D64 {dtype}",
+                  fns={"eager": lambda: _eager(*args), "fused": lambda: _fused(*args),
                        "sdpa_forward": lambda: F.scaled_dot_product_attention(*args[:3])},
                   baseline="eager", check=lambda: _check(args), rounds=10)
     res.record("backend", backend)
@@ -63,9 +68,9 @@ def test_jvp_attention_cpu(compare, dtype: str) -> None:
     for method in ("eager", "fused"):
         res.record(f"peak_rss_mb.{method}", peak_rss_mb("benchmarks.bench_attention:make_fn", method=method,
                                                         shape=list(CPU_SHAPE), dtype=dtype))
-    if backend == "cpu":  # the C++ kernel: no (N, N) matrix and one pass
-        assert res.speedup("fused") >= 2.0
-        assert res.extra["peak_rss_mb.fused"] < res.extra["peak_rss_mb.eager"]
+    if backend == "cpu":  # no (N, N) matrix, one pass; the kernel's speed target is in bench_attention_cpu.py
+        assert res.speedup("fused") >= 1.2
+        assert res.extra["peak_rss_mb.fused"] < res.extra["peak_rss_mb.eager"] / 4
     else:  # the reference materializes the same matrices as eager: parity only, recorded
         assert res.speedup("fused") > 0.5
 
