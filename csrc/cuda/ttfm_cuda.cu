@@ -8,6 +8,7 @@
 //   batch of 64 still fills every SM; each block reduces its chunk with warp shuffles and writes one partial,
 //   and a second kernel combines a sample's partials in chunk order (deterministic, no atomics).
 // - itvm_residual_loss_bwd: one elementwise pass writing both gradients.
+// Loads and stores move 16-byte packs when D is a multiple of the pack and the pointers are aligned.
 // All accumulate in float32 (float64 for float64 inputs) and launch on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
 
 #include "ttfm/residual.h"
@@ -99,23 +102,63 @@ __device__ __forceinline__ rs::SquareSums<acc_t> block_sums(rs::SquareSums<acc_t
   return v;
 }
 
-// Stage 1: block (c, b) reduces elements [c * chunk, min((c + 1) * chunk, dim)) of sample b into partial[b, c].
+// The pointers and scalars of one residual call, passed by value to the kernels. weight may be null (all 1).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) residual_partial_kernel(
-    const scalar_t* __restrict__ u_st, const scalar_t* __restrict__ u_ss, const scalar_t* __restrict__ v_s,
-    const scalar_t* __restrict__ target_a, const scalar_t* __restrict__ target_b, const acc_t* __restrict__ coef,
-    rs::SquareSums<acc_t>* __restrict__ partial, int64_t dim, int64_t chunk) {
+struct ResidualArgs {
+  const scalar_t* u_st;
+  const scalar_t* u_ss;
+  const scalar_t* v_s;
+  const scalar_t* target_a;
+  const scalar_t* target_b;
+  const acc_t* coef;
+  const acc_t* weight;
+  int64_t dim;
+  acc_t lambda_init;
+  acc_t lambda_term;
+};
+
+// VEC consecutive elements moved with one load or store (16 bytes when VEC > 1).
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* __restrict__ p, int64_t i) {
+  return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p + i);
+}
+
+// Residuals r_I, r_T of the VEC elements starting at flat index i (all in one sample, coefficient coef_b).
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void residual_pack(const ResidualArgs<scalar_t, acc_t>& a, int64_t i, acc_t coef_b,
+                                              acc_t (&r_init)[VEC], acc_t (&r_term)[VEC]) {
+  const Pack<scalar_t, VEC> u_st = load_pack<VEC>(a.u_st, i), u_ss = load_pack<VEC>(a.u_ss, i),
+                            v_s = load_pack<VEC>(a.v_s, i), t_a = load_pack<VEC>(a.target_a, i),
+                            t_b = load_pack<VEC>(a.target_b, i);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    r_init[k] = rs::init_residual<acc_t>(u_ss.v[k], v_s.v[k]);
+    r_term[k] = rs::term_residual<acc_t>(u_st.v[k], t_a.v[k], t_b.v[k], coef_b);
+  }
+}
+
+// Stage 1: block (c, b) reduces elements [c * chunk, min((c + 1) * chunk, dim)) of sample b into partial[b, c].
+// VEC divides dim and chunk, so a pack never crosses a chunk or a sample.
+template <int VEC, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs<scalar_t, acc_t> a,
+                                                                    rs::SquareSums<acc_t>* __restrict__ partial,
+                                                                    int64_t chunk) {
   const int64_t b = blockIdx.y;
   const int64_t begin = blockIdx.x * chunk;
-  const int64_t end = begin + chunk < dim ? begin + chunk : dim;
-  const int64_t base = b * dim;
-  const acc_t coef_b = coef[b];
+  const int64_t end = begin + chunk < a.dim ? begin + chunk : a.dim;
+  const int64_t base = b * a.dim;
+  const acc_t coef_b = a.coef[b];
   rs::SquareSums<acc_t> sums = rs::zero_sums<acc_t>();
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-    const int64_t i = base + j;
-    const acc_t r_init = rs::init_residual<acc_t>(u_ss[i], v_s[i]);
-    const acc_t r_term = rs::term_residual<acc_t>(u_st[i], target_a[i], target_b[i], coef_b);
-    rs::accumulate(sums, r_init, r_term);
+  for (int64_t j = begin + threadIdx.x * VEC; j < end; j += kThreads * VEC) {
+    acc_t r_init[VEC], r_term[VEC];
+    residual_pack<VEC>(a, base + j, coef_b, r_init, r_term);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) rs::accumulate(sums, r_init[k], r_term[k]);
   }
   sums = block_sums(sums);
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = sums;
@@ -123,25 +166,77 @@ __global__ void __launch_bounds__(kThreads) residual_partial_kernel(
 
 // Stage 2: one warp per sample combines its partials (lane l takes chunks l, l + 32, ... in order) and writes
 // the weighted per-sample loss.
-template <typename acc_t>
-__global__ void residual_finish_kernel(const rs::SquareSums<acc_t>* __restrict__ partial,
-                                       const acc_t* __restrict__ weight, acc_t* __restrict__ losses,
-                                       int64_t chunks, int64_t dim, acc_t lambda_init, acc_t lambda_term) {
+template <typename scalar_t, typename acc_t>
+__global__ void residual_finish_kernel(ResidualArgs<scalar_t, acc_t> a,
+                                       const rs::SquareSums<acc_t>* __restrict__ partial, int64_t chunks,
+                                       acc_t* __restrict__ losses) {
   const int64_t b = blockIdx.x;
   rs::SquareSums<acc_t> sums = rs::zero_sums<acc_t>();
   for (int64_t c = threadIdx.x; c < chunks; c += kWarpSize) sums = rs::combine(sums, partial[b * chunks + c]);
   sums = warp_sums(sums);
   if (threadIdx.x == 0) {
-    losses[b] = rs::sample_loss<acc_t>(sums, dim, lambda_init, lambda_term, weight ? weight[b] : acc_t(1));
+    losses[b] = rs::sample_loss<acc_t>(sums, a.dim, a.lambda_init, a.lambda_term, a.weight ? a.weight[b] : acc_t(1));
   }
 }
 
-// Chunk length (a multiple of kThreads) so that chunks x batch blocks fill the GPU about four times over.
+// Backward: every pack of VEC elements (never crossing a sample) writes both gradients.
+template <int VEC, typename scalar_t, typename acc_t>
+__global__ void residual_backward_kernel(ResidualArgs<scalar_t, acc_t> a, const acc_t* __restrict__ grad_losses,
+                                         scalar_t* __restrict__ grad_u_st, scalar_t* __restrict__ grad_u_ss,
+                                         int64_t packs) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = p * VEC;
+    const int64_t b = i / a.dim;
+    const rs::GradScales<acc_t> scale = rs::grad_scales<acc_t>(
+        grad_losses[b], a.weight ? a.weight[b] : acc_t(1), a.dim, a.lambda_init, a.lambda_term);
+    acc_t r_init[VEC], r_term[VEC];
+    residual_pack<VEC>(a, i, a.coef[b], r_init, r_term);
+    Pack<scalar_t, VEC> g_st, g_ss;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      g_ss.v[k] = static_cast<scalar_t>(scale.init * r_init[k]);
+      g_st.v[k] = static_cast<scalar_t>(scale.term * r_term[k]);
+    }
+    *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_u_st + i) = g_st;
+    *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_u_ss + i) = g_ss;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+ResidualArgs<scalar_t, acc_t> residual_args(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
+                                            const at::Tensor& target_a, const at::Tensor& target_b,
+                                            const at::Tensor& coef, const std::optional<at::Tensor>& weight,
+                                            double lambda_init, double lambda_term) {
+  return {u_st.const_data_ptr<scalar_t>(), u_ss.const_data_ptr<scalar_t>(), v_s.const_data_ptr<scalar_t>(),
+          target_a.const_data_ptr<scalar_t>(), target_b.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
+          weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, u_st.numel() / u_st.size(0),
+          static_cast<acc_t>(lambda_init), static_cast<acc_t>(lambda_term)};
+}
+
+// 16-byte packs when every (B, D) pointer is 16-byte aligned and D is a multiple of the pack; else 1.
+template <typename scalar_t>
+constexpr int kPack = 16 / sizeof(scalar_t);
+
+template <typename scalar_t>
+bool can_pack(int64_t dim, std::initializer_list<const void*> pointers) {
+  if (dim % kPack<scalar_t> != 0) return false;
+  return std::all_of(pointers.begin(), pointers.end(),
+                     [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; });
+}
+
+template <typename scalar_t, typename acc_t>
+bool can_pack(const ResidualArgs<scalar_t, acc_t>& a) {
+  return can_pack<scalar_t>(a.dim, {a.u_st, a.u_ss, a.v_s, a.target_a, a.target_b});
+}
+
+// Chunk length (a multiple of kThreads, hence of every pack width) so that chunks x batch blocks fill the GPU
+// about four times over.
 int64_t chunk_length(int64_t batch, int64_t dim) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t per_sample = std::max<int64_t>(1, (4 * sms + batch - 1) / batch);
   const int64_t min_chunk = 4 * kThreads;  // at least four elements per thread
-  int64_t chunk = std::max<int64_t>(min_chunk, (dim + per_sample - 1) / per_sample);
+  const int64_t chunk = std::max<int64_t>(min_chunk, (dim + per_sample - 1) / per_sample);
   return (chunk + kThreads - 1) / kThreads * kThreads;
 }
 
@@ -160,38 +255,22 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto args = residual_args<scalar_t, acc_t>(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
+                                                     lambda_term);
     // Scratch for the stage-1 partials: two acc_t per (sample, chunk).
     const at::Tensor scratch = at::empty({batch * chunks * 2}, coef.options());
     auto* partial = reinterpret_cast<rs::SquareSums<acc_t>*>(scratch.data_ptr<acc_t>());
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
-    residual_partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        u_st.const_data_ptr<scalar_t>(), u_ss.const_data_ptr<scalar_t>(), v_s.const_data_ptr<scalar_t>(),
-        target_a.const_data_ptr<scalar_t>(), target_b.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
-        partial, dim, chunk);
+    if (can_pack(args)) {
+      residual_partial_kernel<kPack<scalar_t>><<<grid, kThreads, 0, stream>>>(args, partial, chunk);
+    } else {
+      residual_partial_kernel<1><<<grid, kThreads, 0, stream>>>(args, partial, chunk);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    residual_finish_kernel<acc_t><<<static_cast<unsigned>(batch), kWarpSize, 0, stream>>>(
-        partial, weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, losses.mutable_data_ptr<acc_t>(),
-        chunks, dim, static_cast<acc_t>(lambda_init), static_cast<acc_t>(lambda_term));
+    residual_finish_kernel<<<static_cast<unsigned>(batch), kWarpSize, 0, stream>>>(
+        args, partial, chunks, losses.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void residual_backward_kernel(
-    const acc_t* __restrict__ grad_losses, const scalar_t* __restrict__ u_st, const scalar_t* __restrict__ u_ss,
-    const scalar_t* __restrict__ v_s, const scalar_t* __restrict__ target_a, const scalar_t* __restrict__ target_b,
-    const acc_t* __restrict__ coef, const acc_t* __restrict__ weight, scalar_t* __restrict__ grad_u_st,
-    scalar_t* __restrict__ grad_u_ss, int64_t dim, int64_t n, acc_t lambda_init, acc_t lambda_term) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = i / dim;
-    const rs::GradScales<acc_t> scale =
-        rs::grad_scales<acc_t>(grad_losses[b], weight ? weight[b] : acc_t(1), dim, lambda_init, lambda_term);
-    const acc_t r_init = rs::init_residual<acc_t>(u_ss[i], v_s[i]);
-    const acc_t r_term = rs::term_residual<acc_t>(u_st[i], target_a[i], target_b[i], coef[b]);
-    grad_u_ss[i] = static_cast<scalar_t>(scale.init * r_init);
-    grad_u_st[i] = static_cast<scalar_t>(scale.term * r_term);
-  }
 }
 
 void itvm_residual_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& u_st, const at::Tensor& u_ss,
@@ -203,16 +282,21 @@ void itvm_residual_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor
   const c10::cuda::CUDAGuard guard(u_st.device());
   const int64_t n = u_st.numel();
   if (n == 0) return;
-  const int64_t dim = n / u_st.size(0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    residual_backward_kernel<scalar_t, acc_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        grad_losses.const_data_ptr<acc_t>(), u_st.const_data_ptr<scalar_t>(), u_ss.const_data_ptr<scalar_t>(),
-        v_s.const_data_ptr<scalar_t>(), target_a.const_data_ptr<scalar_t>(), target_b.const_data_ptr<scalar_t>(),
-        coef.const_data_ptr<acc_t>(), weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr,
-        grad_u_st.mutable_data_ptr<scalar_t>(), grad_u_ss.mutable_data_ptr<scalar_t>(), dim, n,
-        static_cast<acc_t>(lambda_init), static_cast<acc_t>(lambda_term));
+    const auto args = residual_args<scalar_t, acc_t>(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
+                                                     lambda_term);
+    const acc_t* gp = grad_losses.const_data_ptr<acc_t>();
+    scalar_t* g_st = grad_u_st.mutable_data_ptr<scalar_t>();
+    scalar_t* g_ss = grad_u_ss.mutable_data_ptr<scalar_t>();
+    if (can_pack(args) && can_pack<scalar_t>(args.dim, {g_st, g_ss})) {
+      constexpr int vec = kPack<scalar_t>;
+      residual_backward_kernel<vec><<<elementwise_blocks(n / vec), kThreads, 0, stream>>>(args, gp, g_st, g_ss,
+                                                                                          n / vec);
+    } else {
+      residual_backward_kernel<1><<<elementwise_blocks(n), kThreads, 0, stream>>>(args, gp, g_st, g_ss, n);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
