@@ -68,11 +68,19 @@ $(CUDA_VENV)/.stamp-venv:
 	touch $@
 
 check-cuda: $(CUDA_VENV)/.stamp-venv
-	@start=$$(date +%s); rm -rf $(CUDA_BUILD)/lib; \
-	CUDA_HOME="$(CUDA_HOME)" TTFM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	@start=$$(date +%s); rm -rf $(CUDA_BUILD)/lib; mkdir -p gate-reports; \
+	echo "check-cuda: building csrc/cuda/*.cu for $(CUDA_ARCHS) (log: gate-reports/check-cuda-build.log)"; \
+	CUDA_HOME="$(CUDA_HOME)" TTFM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" TTFM_NVCC_FLAGS=--resource-usage \
 		$(CPY) setup.py --quiet build_ext --build-lib $(CUDA_BUILD)/lib --build-temp $(CUDA_BUILD)/temp \
-	&& $(CPY) csrc/tests/check_cuda_import.py $(CUDA_BUILD)/lib \
-	&& echo "check-cuda: passed in $$(( $$(date +%s) - start )) s (archs $(CUDA_ARCHS))"
+		> gate-reports/check-cuda-build.log 2>&1 \
+		|| { tail -n 60 gate-reports/check-cuda-build.log; exit 1; }; \
+	grep -E "ptxas info *: (Compiling|Used|Function properties)|spill" gate-reports/check-cuda-build.log \
+		> gate-reports/cuda-resource-usage.txt; \
+	if grep -qE "[1-9][0-9]* bytes spill (stores|loads)" gate-reports/cuda-resource-usage.txt; then \
+		echo "check-cuda: a CUDA kernel spills registers (gate-reports/cuda-resource-usage.txt)"; exit 1; fi; \
+	$(CPY) csrc/tests/check_cuda_import.py $(CUDA_BUILD)/lib \
+	&& echo "check-cuda: passed in $$(( $$(date +%s) - start )) s (archs $(CUDA_ARCHS); registers and spills per" \
+		"kernel in gate-reports/cuda-resource-usage.txt)"
 
 # C++ tests of the shared host/device headers (csrc/tests), no libtorch: seconds.
 ctest:

@@ -7,7 +7,8 @@ Extensions (all optional: without a C++ compiler the package installs and runs o
   kernels). Loaded only when ``torch.backends.cpu.get_cpu_capability()`` reports AVX2 or better.
 - ``ttfm_kernels._C_cuda``: ``csrc/cuda/*.cu``, only ``TORCH_LIBRARY_IMPL(ttfm, CUDA, m)`` registrations.
   Built when torch has CUDA and nvcc is found; ``TTFM_BUILD_CUDA=1`` forces it (fails loudly if impossible),
-  ``TTFM_BUILD_CUDA=0`` skips it. Honours ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS`` and ``CUDA_HOME``.
+  ``TTFM_BUILD_CUDA=0`` skips it. Honours ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS`` and ``CUDA_HOME``;
+  ``TTFM_NVCC_FLAGS`` adds nvcc flags (``make check-cuda`` passes ``--resource-usage``).
 
 Install with torch already present: ``pip install --no-build-isolation .``
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -92,7 +94,7 @@ def _extensions() -> tuple[list, dict]:
         exts.append(CUDAExtension(
             "ttfm_kernels._C_cuda", cuda_sources, include_dirs=INCLUDE + _pip_cuda_includes(),
             extra_compile_args={"cxx": CXX_FLAGS,
-                                "nvcc": ["-O3", "-lineinfo"]}))
+                                "nvcc": ["-O3", "-lineinfo", *shlex.split(os.environ.get("TTFM_NVCC_FLAGS", ""))]}))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
