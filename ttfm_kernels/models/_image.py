@@ -1,0 +1,118 @@
+"""What the image teachers and students share: time (+ class) conditioning, presets, config, ``from_teacher``.
+
+A teacher v(x, t, y=None) and its student u(x, s, t, y=None) differ only in their conditioning vector c: the
+teacher embeds t (``TimeEmbedding``), the student embeds s and t - s (``TwoTimeEmbedding``). The network body
+that consumes c is the same class with the same state_dict keys, so ``from_teacher`` copies the body and the
+label table, loads the teacher's time embedding into the s-branch and zeroes the (t - s) branch's output
+layer: then u(x, s, t) == v(x, s) for every t at the start of distillation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
+
+__all__ = ["Conditioning", "ImageFlowModel"]
+
+
+class Conditioning(nn.Module):
+    """c = time_embed(t) or time_embed(s, t), plus label_embed(y) when ``num_classes > 0``: -> (B, dim).
+
+    Labels y are (B,) integers in [0, num_classes]; ``num_classes`` itself is the null class (unconditional,
+    for classifier-free guidance: ``GuidedTeacher(teacher, w, {"y": teacher.null_class})``), and y=None means
+    the null class for every sample.
+    """
+
+    def __init__(self, dim: int, *, two_time: bool, num_classes: int, freq_dim: int, time_scale: float) -> None:
+        super().__init__()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        embed = TwoTimeEmbedding if two_time else TimeEmbedding
+        self.time_embed = embed(dim, freq_dim, scale=time_scale)
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+
+    def forward(self, *times: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.time_embed(*times)
+        if self.label_embed is None:
+            if y is not None:
+                raise ValueError("y was given but the model has num_classes=0 (no class conditioning)")
+            return c
+        batch = times[0].shape[0]
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=c.device)
+        elif y.dtype.is_floating_point or y.dtype.is_complex or y.shape != (batch,):
+            raise ValueError(f"y must be integer class labels of shape (B,) = ({batch},), "
+                             f"got {y.dtype} {tuple(y.shape)}")
+        return c + self.label_embed(y.to(c.device))
+
+
+def _check_call(x: torch.Tensor, channels: int, size: int, **times: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1:] != (channels, size, size):
+        raise ValueError(f"x must have shape (B, {channels}, {size}, {size}), got {tuple(x.shape)}")
+    for name, t in times.items():
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.shape != (x.shape[0],):
+            raise ValueError(f"{name} must be a floating tensor of shape (B,) = ({x.shape[0]},), "
+                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+
+
+class ImageFlowModel(nn.Module):
+    """Base of the image teachers and students: ``config``, ``sigma``, ``null_class``, ``from_preset``.
+
+    Subclasses set ``PRESETS`` (name -> constructor arguments), ``two_time`` and, for students, ``teacher_class``;
+    their ``__init__`` calls ``_setup`` with its arguments and a ``body(x, c)`` module.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]]
+    two_time: ClassVar[bool] = False
+    teacher_class: ClassVar[type[ImageFlowModel] | None] = None
+    config: dict[str, Any]
+
+    def _setup(self, config: dict[str, Any], body: nn.Module, cond_dim: int) -> None:
+        self.config = config
+        self.image_size, self.in_channels = config["image_size"], config["in_channels"]
+        self.sigma = float(config["sigma"])
+        self.num_classes = config["num_classes"]
+        self.cond = Conditioning(cond_dim, two_time=self.two_time, num_classes=self.num_classes,
+                                 freq_dim=config["freq_dim"], time_scale=config["time_scale"])
+        self.body = body
+
+    @property
+    def null_class(self) -> int | None:
+        """The label of the unconditional (null) class, or None without class conditioning."""
+        return self.num_classes if self.num_classes else None
+
+    def _run(self, x: torch.Tensor, *times: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        names = ("s", "t") if self.two_time else ("t",)
+        _check_call(x, self.in_channels, self.image_size, **dict(zip(names, times, strict=True)))
+        return self.body(x, self.cond(*times, y=y))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """Build from a named size (see ``PRESETS``); ``overrides`` replace any constructor argument."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_teacher(cls, teacher: ImageFlowModel):
+        """A student with the teacher's arguments, weights, dtype and device such that u(x, s, t) == v(x, s)."""
+        if cls.teacher_class is None:
+            raise TypeError(f"{cls.__name__} is a teacher; call from_teacher on its two-time student")
+        if not isinstance(teacher, cls.teacher_class):
+            raise TypeError(f"teacher must be a models.{cls.teacher_class.__name__}, got {type(teacher).__name__}")
+        ref = next(teacher.parameters())
+        student = cls(**teacher.config).to(device=ref.device, dtype=ref.dtype)
+        time_keys = "cond.time_embed."
+        state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(time_keys)}
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith(time_keys) for k in missing):
+            raise RuntimeError(f"teacher and student layouts differ: missing {missing}, unexpected {unexpected}")
+        student.cond.time_embed.load_from_time_embedding(teacher.cond.time_embed)
+        return student
