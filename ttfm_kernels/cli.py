@@ -65,6 +65,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, out: s
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default %(default)s)")
     g.add_argument("--log-every", type=int, default=50, help="log every N steps (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; "
+                   "a resumed run is bitwise equal to an uninterrupted one with the same thread count)")
 
 
 def _train_config(a: argparse.Namespace) -> TrainConfig:
@@ -92,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ttfm_demo", help="output directory (default ./%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
     p = sub.add_parser("train-teacher", help="train a flow-matching teacher v(x, t) (models.MLP)",
                        description="Train a flow-matching teacher models.MLP on a data set.")
@@ -252,8 +255,8 @@ _DEMO = {
              "student": {"steps": 1000, "batch_size": 512, "lr": 3e-4, "warmup": 50, "ema_decay": 0.99},
              "eval": {"n": 4096, "teacher_steps": 100}},
     "quick": {"preset": "tiny", "teacher": {"steps": 150, "batch_size": 256, "lr": 2e-3, "warmup": 20},
-              "student": {"steps": 30, "batch_size": 128, "lr": 3e-4, "warmup": 5, "ema_decay": 0.9},
-              "eval": {"n": 1024, "teacher_steps": 20}},
+              "student": {"steps": 20, "batch_size": 128, "lr": 3e-4, "warmup": 5, "ema_decay": 0.9},
+              "eval": {"n": 512, "teacher_steps": 10}},
 }
 
 
@@ -309,6 +312,8 @@ _COMMANDS = {"demo": _cmd_demo, "train-teacher": _cmd_train_teacher, "distill": 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ttfm`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         _COMMANDS[args.command](args)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
