@@ -22,14 +22,11 @@
 #include <limits>
 #include <vector>
 
-// Fortran BLAS (MKL inside libtorch_cpu exports it; at::native::cpublas::gemm is not exported).
+// Fortran BLAS (MKL inside libtorch_cpu exports it; at::native::cpublas::gemm is not exported). Called inside
+// at::parallel_for (an OpenMP region), MKL runs each call on the calling thread.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
-// MKL's per-thread thread count (weak: absent from non-MKL builds). torch disables MKL's dynamic threading, so
-// an sgemm called inside at::parallel_for would otherwise start its own team on every call and oversubscribe
-// the cores (measured: 8x the CPU time with 2 threads).
-extern "C" int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 
 namespace ttfm {
 namespace {
@@ -50,24 +47,6 @@ void gemm_nn(int m, int n, int k, const float* a, int lda, const float* b, int l
   const float one = 1.0f;
   sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
 }
-
-// Inside a parallel region, BLAS calls on this thread use one thread (restored on exit); outside one (a single
-// work item runs inline) BLAS keeps its own threads.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : active_(MKL_Set_Num_Threads_Local != nullptr && at::in_parallel_region()) {
-    if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (active_) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  bool active_;
-  int previous_ = 0;
-};
 
 // dst[i] = mul * float(src[i]), i < n.
 template <typename T>
@@ -283,7 +262,6 @@ void jvp_attention_fwd_impl(const Shape& s, const at::Tensor& q, const at::Tenso
   const int64_t q_stride = s.n_q * s.dim, k_stride = s.n_k * s.dim;
   at::parallel_for(0, s.batch_heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch w(s);
-    const SingleThreadedBlas blas;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_blocks, qb = item % q_blocks;
       auto at_q = [&](const T* p) { return p == nullptr ? nullptr : p + bh * q_stride; };
