@@ -15,10 +15,13 @@ import torch.autograd.forward_ad as fwAD
 
 from tests.models.twin import eager_twin
 from ttfm_kernels import itvm_loss, jvp_sx, jvp_t, models
+from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedGroupNorm, ModulatedLayerNorm
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
 PAIRS = [pytest.param((models.DiT, models.TwoTimeDiT), id="dit"),
          pytest.param((models.UNet, models.TwoTimeUNet), id="unet")]
+FUSED = {"dit": {Attention, ModulatedLayerNorm, Linear, Conv2d},
+         "unet": {Attention, ModulatedGroupNorm, Linear, Conv2d}}
 NUM_CLASSES = 3
 
 
@@ -62,6 +65,18 @@ def test_shapes_presets_and_sigma(pair):
         student(x, t[:2], t)
     with pytest.raises(ValueError, match="num_classes=0"):
         teacher(x, t, y=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_fresh_teacher_starts_at_zero_on_fused_layers(pair):
+    """adaLN-Zero (DiT) / zeroed output convolutions (UNet): an untrained teacher outputs 0; no BatchNorm."""
+    teacher = pair[0].from_preset("tiny")
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        assert torch.equal(teacher(x, t), torch.zeros_like(x))
+    kinds = {type(m) for m in teacher.modules()}
+    assert FUSED[pair[0].__name__.lower()] <= kinds
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
 
 
 @pytest.mark.parametrize("pair", PAIRS)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
 
-__all__ = ["Conditioning", "ImageFlowModel"]
+__all__ = ["Conditioning", "ImageFlowModel", "StudentModel", "TeacherModel"]
 
 
 class Conditioning(nn.Module):
@@ -65,8 +65,9 @@ def _check_call(x: torch.Tensor, channels: int, size: int, **times: torch.Tensor
 class ImageFlowModel(nn.Module):
     """Base of the image teachers and students: ``config``, ``sigma``, ``null_class``, ``from_preset``.
 
-    Subclasses set ``PRESETS`` (name -> constructor arguments), ``two_time`` and, for students, ``teacher_class``;
-    their ``__init__`` calls ``_setup`` with its arguments and a ``body(x, c)`` module.
+    An architecture base sets ``PRESETS`` (name -> constructor arguments) and its ``__init__`` calls ``_setup``
+    with its arguments and a ``body(x, c)`` module; the public classes put ``TeacherModel`` or ``StudentModel``
+    (the forward signature) before it, and students name their ``teacher_class``.
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]]
@@ -116,3 +117,20 @@ class ImageFlowModel(nn.Module):
             raise RuntimeError(f"teacher and student layouts differ: missing {missing}, unexpected {unexpected}")
         student.cond.time_embed.load_from_time_embedding(teacher.cond.time_embed)
         return student
+
+
+class TeacherModel(ImageFlowModel):
+    """Mixin before an architecture base: forward(x, t, y=None) -> v (B, C, H, W)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, t, y=y)
+
+
+class StudentModel(ImageFlowModel):
+    """Mixin before an architecture base: forward(x, s, t, y=None) -> u (B, C, H, W), embedding s and t - s."""
+
+    two_time = True
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, s, t, y=y)

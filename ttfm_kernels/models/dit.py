@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ttfm_kernels.models._image import ImageFlowModel
+from ttfm_kernels.models._image import ImageFlowModel, StudentModel, TeacherModel
 from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedLayerNorm
 
 __all__ = ["DiT", "TwoTimeDiT"]
@@ -135,7 +135,7 @@ class _DiTBase(ImageFlowModel):
         self._setup(config, body, hidden_size)
 
 
-class DiT(_DiTBase):
+class DiT(TeacherModel, _DiTBase):
     """DiT flow-matching teacher v(x, t, y=None) -> (B, C, H, W).
 
     x: (B, in_channels, image_size, image_size); t: (B,) float times in [0, 1]; y: optional (B,) class labels
@@ -145,20 +145,12 @@ class DiT(_DiTBase):
     "base" (32x32, hidden 384, depth 12).
     """
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, t, y=y)
 
-
-class TwoTimeDiT(_DiTBase):
+class TwoTimeDiT(StudentModel, _DiTBase):
     """Two-time DiT student u(x, s, t, y=None) (X_{s,t}(x) = x + (t - s) u), same arguments as ``DiT``.
 
     The conditioning embeds s and t - s; ``TwoTimeDiT.from_teacher(dit)`` starts from u(x, s, t) == v(x, s).
     """
 
-    two_time = True
     teacher_class = DiT
-
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, s, t, y=y)
 

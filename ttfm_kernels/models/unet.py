@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttfm_kernels.models._image import ImageFlowModel
+from ttfm_kernels.models._image import ImageFlowModel, StudentModel, TeacherModel
 from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedGroupNorm
 
 __all__ = ["TwoTimeUNet", "UNet"]
@@ -154,7 +154,7 @@ class _UNetBase(ImageFlowModel):
         self._setup(config, body, cond_dim)
 
 
-class UNet(_UNetBase):
+class UNet(TeacherModel, _UNetBase):
     """UNet flow-matching teacher v(x, t, y=None) -> (B, C, H, W).
 
     x: (B, in_channels, image_size, image_size) with image_size divisible by 2 ** (len(channel_mult) - 1);
@@ -164,19 +164,11 @@ class UNet(_UNetBase):
     64 channels, 3 levels, 2 ResBlocks per level).
     """
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, t, y=y)
 
-
-class TwoTimeUNet(_UNetBase):
+class TwoTimeUNet(StudentModel, _UNetBase):
     """Two-time UNet student u(x, s, t, y=None) (X_{s,t}(x) = x + (t - s) u), same arguments as ``UNet``.
 
     The conditioning embeds s and t - s; ``TwoTimeUNet.from_teacher(unet)`` starts from u(x, s, t) == v(x, s).
     """
 
-    two_time = True
     teacher_class = UNet
-
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, s, t, y=y)
