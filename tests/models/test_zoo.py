@@ -14,7 +14,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from tests.models.twin import eager_twin
-from ttfm_kernels import itvm_loss, jvp_sx, jvp_t, models
+from ttfm_kernels import GuidedTeacher, itvm_loss, jvp_sx, jvp_t, models
 from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedGroupNorm, ModulatedLayerNorm
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
@@ -162,5 +162,8 @@ def test_class_conditioning(pair):
         out = [teacher(x, t, y=torch.full((2,), label)) for label in range(NUM_CLASSES + 1)]
         assert not torch.allclose(out[0], out[1])
         assert torch.equal(teacher(x, t), out[teacher.null_class])
-    with pytest.raises(ValueError, match="integer class labels"):
-        teacher(x, t, y=torch.zeros(2))
+        guided = GuidedTeacher(teacher, 3.0, {"y": None})(x, t, y=torch.ones(2, dtype=torch.long))
+        assert_close_to_ref(guided, out[-1] + 3.0 * (out[1] - out[-1]), name="guided teacher")
+    for bad in (torch.zeros(2), 1):
+        with pytest.raises(ValueError, match="integer class labels"):
+            teacher(x, t, y=bad)

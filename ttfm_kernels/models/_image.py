@@ -23,8 +23,8 @@ class Conditioning(nn.Module):
     """c = time_embed(t) or time_embed(s, t), plus label_embed(y) when ``num_classes > 0``: -> (B, dim).
 
     Labels y are (B,) integers in [0, num_classes]; ``num_classes`` itself is the null class (unconditional,
-    for classifier-free guidance: ``GuidedTeacher(teacher, w, {"y": teacher.null_class})``), and y=None means
-    the null class for every sample.
+    for classifier-free guidance), and y=None means the null class for every sample: a guided teacher is
+    ``GuidedTeacher(teacher, w, {"y": None})``.
     """
 
     def __init__(self, dim: int, *, two_time: bool, num_classes: int, freq_dim: int, time_scale: float) -> None:
@@ -47,9 +47,10 @@ class Conditioning(nn.Module):
         batch = times[0].shape[0]
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=c.device)
-        elif y.dtype.is_floating_point or y.dtype.is_complex or y.shape != (batch,):
+        elif not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype.is_complex \
+                or y.shape != (batch,):
             raise ValueError(f"y must be integer class labels of shape (B,) = ({batch},), "
-                             f"got {y.dtype} {tuple(y.shape)}")
+                             f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
         return c + self.label_embed(y.to(c.device))
 
 
