@@ -138,6 +138,10 @@ def test_rejects_bad_arguments_before_writing():
         op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5, o.half(), t_o.half(), lse)
     with pytest.raises(RuntimeError, match="block sizes"):
         op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, -1, 0)
+    with pytest.raises(RuntimeError, match="no keys"):
+        op(q, k[:, :, :0], v[:, :, :0], tq, None, None, False, 0.5, o, t_o, lse)
+    with pytest.raises(RuntimeError, match="head dim"):
+        op(*(t[..., :0] for t in (q, k, v, tq, tk, tv)), False, 0.5, o[..., :0], t_o[..., :0], lse)
     assert not o.any() and not t_o.any() and not lse.any()
 
 

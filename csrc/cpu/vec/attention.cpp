@@ -313,8 +313,9 @@ void jvp_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   check_inputs(q, k, v, tq, tk, tv, o, t_o, lse);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "ttfm::jvp_attention_fwd: the CPU kernel supports float32 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) > 0, "ttfm::jvp_attention_fwd: the head dim D must be >= 1");
   TORCH_CHECK(k.size(2) > 0 || q.size(2) == 0, "ttfm::jvp_attention_fwd: k has no keys (Nk = 0)");
-  if (q.numel() == 0) return;
+  if (lse.numel() == 0) return;  // no query rows
   const Shape s{q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), pick_block(block_q, 64, q.size(2)),
                 pick_block(block_k, 512, k.size(2)), causal, static_cast<float>(scale)};
   TORCH_CHECK(s.block_k * 2 * s.dim <= std::numeric_limits<int>::max(), "ttfm::jvp_attention_fwd: tiles too large");
