@@ -64,7 +64,11 @@ def _check(tensors: list[torch.Tensor], coef: torch.Tensor, weight: torch.Tensor
         assert_close_to_ref(a, r.to(a.dtype), name=name)
 
 
-@pytest.mark.parametrize("dim", [4096, 65536])
+@pytest.mark.parametrize("dim", [
+    pytest.param(4096, marks=pytest.mark.xfail(reason="issue 8's 3x bar at D=4096 is not met: 1.4x-2.4x measured "
+                                               "on an idle machine (fixed custom-op and autograd overhead)")),
+    65536,
+])
 def test_itvm_residual_loss_cpu(compare, dim: int) -> None:
     tensors, coef, weight = _inputs(dim, torch.float32)
     fns = {name: (lambda fn=fn: _step(fn, tensors, coef, weight)) for name, fn in _methods("cpu").items()}
@@ -73,11 +77,9 @@ def test_itvm_residual_loss_cpu(compare, dim: int) -> None:
     for method in fns:
         res.record(f"peak_rss_mb.{method}", peak_rss_mb("benchmarks.bench_residual:make_fn", method=method,
                                                         dim=dim, dtype="float32"))
-    # D = 65536 is memory-bound: measured 3.8x-6.3x. At D = 4096 the kernels take about 0.45 ms of a 1 ms call
-    # (one thread); the rest is the fixed cost of the custom op, its Python autograd wrapper and the engine,
-    # so a quiet machine measures about 2.4x there (the issue's 3x bar is not met yet; under CPU contention
-    # eager suffers more and the ratio reads 7x-19x).
-    assert res.speedup("cpu") >= (3.0 if dim >= 65536 else 2.0)
+    # D = 65536 is memory-bound: measured 3.8x idle. At D = 4096 the kernels take about 0.45 ms of a 1 ms call
+    # (one thread); the rest is the fixed cost of the custom op, its Python autograd wrapper and the engine.
+    assert res.speedup("cpu") >= 3.0
     assert res.extra["peak_rss_mb.cpu"] < res.extra["peak_rss_mb.eager"]
 
 
