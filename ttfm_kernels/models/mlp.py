@@ -33,15 +33,25 @@ class _MLPBody(nn.Module):
         return self.out_proj(nn.functional.silu(h))
 
 
-class _Preset:
-    """``from_preset`` and the stored constructor arguments (``config``), shared by both classes."""
+class _MLPBase(nn.Module):
+    """The constructor, ``config`` and ``from_preset`` shared by both classes; they differ only in ``EMBEDDING``
+    (the time conditioning) and ``forward``."""
+
+    EMBEDDING: ClassVar[type[nn.Module]]
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": 64, "depth": 2, "freq_dim": 16},
         "small": {"hidden": 256, "depth": 3, "freq_dim": 32},
         "base": {"hidden": 512, "depth": 4, "freq_dim": 64},
     }
-    config: dict[str, Any]
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, freq_dim: int = 32, *,
+                 time_scale: float = 1.0, max_period: float = 1000.0, sigma: float = 1.0):
+        super().__init__()
+        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "freq_dim": freq_dim,
+                       "time_scale": time_scale, "max_period": max_period, "sigma": sigma}
+        self.dim, self.sigma = dim, float(sigma)
+        self.time_embed = self.EMBEDDING(hidden, freq_dim, scale=time_scale, max_period=max_period)
+        self.body = _MLPBody(dim, hidden, depth)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any):
@@ -61,7 +71,7 @@ def _check_call(x: torch.Tensor, dim: int, **times: torch.Tensor) -> None:
             raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
 
 
-class MLP(_Preset, nn.Module):
+class MLP(_MLPBase):
     """Flow-matching teacher v(x, t) for points in R^dim.
 
     x: (B, dim) floating, t: (B,) floating in [0, 1] -> (B, dim). ``sigma`` is the noise scale of x0 ~ N(0,
@@ -72,34 +82,20 @@ class MLP(_Preset, nn.Module):
     hundred steps, while time_scale 1 trained stably with the same teacher loss.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, freq_dim: int = 32, *,
-                 time_scale: float = 1.0, max_period: float = 1000.0, sigma: float = 1.0):
-        super().__init__()
-        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "freq_dim": freq_dim,
-                       "time_scale": time_scale, "max_period": max_period, "sigma": sigma}
-        self.dim, self.sigma = dim, float(sigma)
-        self.time_embed = TimeEmbedding(hidden, freq_dim, scale=time_scale, max_period=max_period)
-        self.body = _MLPBody(dim, hidden, depth)
+    EMBEDDING = TimeEmbedding
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_call(x, self.dim, t=t)
         return self.body(x, self.time_embed(t))
 
 
-class TwoTimeMLP(_Preset, nn.Module):
+class TwoTimeMLP(_MLPBase):
     """Two-time flow-map student u(x, s, t) (X_{s,t}(x) = x + (t - s) u), same arguments as ``MLP``.
 
     x: (B, dim), s and t: (B,) floating -> (B, dim). Conditioning embeds s and (t - s).
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, freq_dim: int = 32, *,
-                 time_scale: float = 1.0, max_period: float = 1000.0, sigma: float = 1.0):
-        super().__init__()
-        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "freq_dim": freq_dim,
-                       "time_scale": time_scale, "max_period": max_period, "sigma": sigma}
-        self.dim, self.sigma = dim, float(sigma)
-        self.time_embed = TwoTimeEmbedding(hidden, freq_dim, scale=time_scale, max_period=max_period)
-        self.body = _MLPBody(dim, hidden, depth)
+    EMBEDDING = TwoTimeEmbedding
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _check_call(x, self.dim, s=s, t=t)
