@@ -73,6 +73,11 @@ def status() -> dict[str, str | None]:
     return load()
 
 
+#: (op, dispatch key) pairs found to have a kernel: a registered kernel stays registered, and ops ask on every
+#: call (the dispatcher query cost tens of microseconds per call next to a memory-bound kernel).
+_kernels_found: set[tuple[str, str]] = set()
+
+
 def has_op(name: str) -> bool:
     """True when ``torch.ops.ttfm.<name>`` exists (its schema was registered by a loaded extension)."""
     load()
@@ -81,4 +86,9 @@ def has_op(name: str) -> bool:
 
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.ttfm.<name>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA", "Meta" ...)."""
-    return has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"ttfm::{name}", dispatch_key)
+    if (name, dispatch_key) in _kernels_found:
+        return True
+    found = has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"ttfm::{name}", dispatch_key)
+    if found:
+        _kernels_found.add((name, dispatch_key))
+    return found
