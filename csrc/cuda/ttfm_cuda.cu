@@ -6,8 +6,9 @@
 // - flow_map_step: one elementwise pass.
 // - itvm_residual_loss_fwd: each sample's features are split over several blocks (grid = chunks x B) so a
 //   batch of 64 still fills every SM; each block reduces its chunk with warp shuffles and writes one partial,
-//   and a second kernel combines a sample's partials in chunk order (deterministic, no atomics).
-// - itvm_residual_loss_bwd: one elementwise pass writing both gradients.
+//   and a second kernel combines a sample's partials in chunk order (deterministic, no atomics). Given an
+//   incoming gradient of the losses, the first kernel also writes both gradients in the same pass (the autograd
+//   in csrc/cpu/residual.cpp uses that in backward).
 // Loads and stores move 16-byte packs when D is a multiple of the pack and the pointers are aligned.
 // All accumulate in float32 (float64 for float64 inputs) and launch on the current stream.
 #include <ATen/ATen.h>
@@ -142,10 +143,21 @@ __device__ __forceinline__ void residual_pack(const ResidualArgs<scalar_t, acc_t
   }
 }
 
-// Stage 1: block (c, b) reduces elements [c * chunk, min((c + 1) * chunk, dim)) of sample b into partial[b, c].
+// The gradient outputs of a residual call (kGrads kernels only): grad_u_st, grad_u_ss (B, D) and the incoming
+// gradient of the per-sample losses grad_losses (B,).
+template <typename scalar_t, typename acc_t>
+struct GradArgs {
+  const acc_t* grad_losses;
+  scalar_t* grad_u_st;
+  scalar_t* grad_u_ss;
+};
+
+// Stage 1: block (c, b) reduces elements [c * chunk, min((c + 1) * chunk, dim)) of sample b into partial[b, c];
+// with kGrads it also writes both gradients of those elements in the same pass.
 // VEC divides dim and chunk, so a pack never crosses a chunk or a sample.
-template <int VEC, typename scalar_t, typename acc_t>
+template <bool kGrads, int VEC, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs<scalar_t, acc_t> a,
+                                                                    GradArgs<scalar_t, acc_t> g,
                                                                     rs::SquareSums<acc_t>* __restrict__ partial,
                                                                     int64_t chunk) {
   const int64_t b = blockIdx.y;
@@ -154,6 +166,11 @@ __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs
   const int len = static_cast<int>((begin + chunk < a.dim ? begin + chunk : a.dim) - begin);
   const int64_t base = b * a.dim + begin;
   const acc_t coef_b = a.coef[b];
+  rs::GradScales<acc_t> scale{acc_t(0), acc_t(0)};
+  if constexpr (kGrads) {
+    scale = rs::grad_scales<acc_t>(g.grad_losses[b], a.weight ? a.weight[b] : acc_t(1), a.dim, a.lambda_init,
+                                   a.lambda_term);
+  }
   rs::SquareSums<acc_t> sums = rs::zero_sums<acc_t>();
   // Not unrolled: five independent 16-byte loads per iteration keep enough bytes in flight, and unrolling made
   // ptxas spill (bf16 on sm_80, float on sm_90a).
@@ -163,6 +180,16 @@ __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs
     residual_pack<VEC>(a, base + j, coef_b, r_init, r_term);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) rs::accumulate(sums, r_init[k], r_term[k]);
+    if constexpr (kGrads) {
+      Pack<scalar_t, VEC> g_st, g_ss;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        g_ss.v[k] = static_cast<scalar_t>(scale.init * r_init[k]);
+        g_st.v[k] = static_cast<scalar_t>(scale.term * r_term[k]);
+      }
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(g.grad_u_st + base + j) = g_st;
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(g.grad_u_ss + base + j) = g_ss;
+    }
   }
   sums = block_sums(sums);
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = sums;
@@ -180,30 +207,6 @@ __global__ void residual_finish_kernel(ResidualArgs<scalar_t, acc_t> a,
   sums = warp_sums(sums);
   if (threadIdx.x == 0) {
     losses[b] = rs::sample_loss<acc_t>(sums, a.dim, a.lambda_init, a.lambda_term, a.weight ? a.weight[b] : acc_t(1));
-  }
-}
-
-// Backward: every pack of VEC elements (never crossing a sample) writes both gradients.
-template <int VEC, typename scalar_t, typename acc_t>
-__global__ void residual_backward_kernel(ResidualArgs<scalar_t, acc_t> a, const acc_t* __restrict__ grad_losses,
-                                         scalar_t* __restrict__ grad_u_st, scalar_t* __restrict__ grad_u_ss,
-                                         int64_t packs) {
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < packs;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = p * VEC;
-    const int64_t b = i / a.dim;
-    const rs::GradScales<acc_t> scale = rs::grad_scales<acc_t>(
-        grad_losses[b], a.weight ? a.weight[b] : acc_t(1), a.dim, a.lambda_init, a.lambda_term);
-    acc_t r_init[VEC], r_term[VEC];
-    residual_pack<VEC>(a, i, a.coef[b], r_init, r_term);
-    Pack<scalar_t, VEC> g_st, g_ss;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      g_ss.v[k] = static_cast<scalar_t>(scale.init * r_init[k]);
-      g_st.v[k] = static_cast<scalar_t>(scale.term * r_term[k]);
-    }
-    *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_u_st + i) = g_st;
-    *reinterpret_cast<Pack<scalar_t, VEC>*>(grad_u_ss + i) = g_ss;
   }
 }
 
@@ -245,12 +248,22 @@ int64_t chunk_length(int64_t batch, int64_t dim) {
   return (chunk + kThreads - 1) / kThreads * kThreads;
 }
 
+template <bool kGrads, int VEC, typename scalar_t, typename acc_t>
+void launch_partial(const ResidualArgs<scalar_t, acc_t>& args, const GradArgs<scalar_t, acc_t>& grads,
+                    rs::SquareSums<acc_t>* partial, int64_t chunk, dim3 grid, cudaStream_t stream) {
+  residual_partial_kernel<kGrads, VEC><<<grid, kThreads, 0, stream>>>(args, grads, partial, chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The per-sample losses and, with grad_losses given, both gradients in the same pass (see the CPU kernel).
 void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
                                  const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
                                  const std::optional<at::Tensor>& weight, double lambda_init, double lambda_term,
-                                 at::Tensor& losses) {
-  const at::Tensor& w = weight.has_value() ? *weight : coef;
-  check_residual_args(u_st, {&u_ss, &v_s, &target_a, &target_b}, {&coef, &w, &losses});
+                                 const at::Tensor& losses, const std::optional<at::Tensor>& grad_losses,
+                                 const std::optional<at::Tensor>& grad_u_st,
+                                 const std::optional<at::Tensor>& grad_u_ss) {
+  check_residual_inputs(u_st, u_ss, v_s, target_a, target_b, coef, weight);
+  check_residual_outputs(u_st, losses, grad_losses, grad_u_st, grad_u_ss);
   const c10::cuda::CUDAGuard guard(u_st.device());
   const int64_t batch = u_st.size(0);
   const int64_t dim = u_st.numel() / batch;
@@ -260,48 +273,32 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr int vec = kPack<scalar_t>;
     const auto args = residual_args<scalar_t, acc_t>(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
                                                      lambda_term);
     // Scratch for the stage-1 partials: two acc_t per (sample, chunk).
     const at::Tensor scratch = at::empty({batch * chunks * 2}, coef.options());
     auto* partial = reinterpret_cast<rs::SquareSums<acc_t>*>(scratch.data_ptr<acc_t>());
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
-    if (can_pack(args)) {
-      residual_partial_kernel<kPack<scalar_t>><<<grid, kThreads, 0, stream>>>(args, partial, chunk);
+    if (grad_losses.has_value()) {
+      const GradArgs<scalar_t, acc_t> grads{grad_losses->const_data_ptr<acc_t>(),
+                                            grad_u_st->mutable_data_ptr<scalar_t>(),
+                                            grad_u_ss->mutable_data_ptr<scalar_t>()};
+      if (can_pack(args) && can_pack<scalar_t>(dim, {grads.grad_u_st, grads.grad_u_ss})) {
+        launch_partial<true, vec>(args, grads, partial, chunk, grid, stream);
+      } else {
+        launch_partial<true, 1>(args, grads, partial, chunk, grid, stream);
+      }
     } else {
-      residual_partial_kernel<1><<<grid, kThreads, 0, stream>>>(args, partial, chunk);
+      const GradArgs<scalar_t, acc_t> none{nullptr, nullptr, nullptr};
+      if (can_pack(args)) {
+        launch_partial<false, vec>(args, none, partial, chunk, grid, stream);
+      } else {
+        launch_partial<false, 1>(args, none, partial, chunk, grid, stream);
+      }
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     residual_finish_kernel<<<static_cast<unsigned>(batch), kWarpSize, 0, stream>>>(
         args, partial, chunks, losses.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void itvm_residual_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor& u_st, const at::Tensor& u_ss,
-                                 const at::Tensor& v_s, const at::Tensor& target_a, const at::Tensor& target_b,
-                                 const at::Tensor& coef, const std::optional<at::Tensor>& weight, double lambda_init,
-                                 double lambda_term, at::Tensor& grad_u_st, at::Tensor& grad_u_ss) {
-  const at::Tensor& w = weight.has_value() ? *weight : coef;
-  check_residual_args(u_st, {&u_ss, &v_s, &target_a, &target_b, &grad_u_st, &grad_u_ss}, {&coef, &w, &grad_losses});
-  const c10::cuda::CUDAGuard guard(u_st.device());
-  const int64_t n = u_st.numel();
-  if (n == 0) return;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = residual_args<scalar_t, acc_t>(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                                     lambda_term);
-    const acc_t* gp = grad_losses.const_data_ptr<acc_t>();
-    scalar_t* g_st = grad_u_st.mutable_data_ptr<scalar_t>();
-    scalar_t* g_ss = grad_u_ss.mutable_data_ptr<scalar_t>();
-    if (can_pack(args) && can_pack<scalar_t>(args.dim, {g_st, g_ss})) {
-      constexpr int vec = kPack<scalar_t>;
-      residual_backward_kernel<vec><<<elementwise_blocks(n / vec), kThreads, 0, stream>>>(args, gp, g_st, g_ss,
-                                                                                          n / vec);
-    } else {
-      residual_backward_kernel<1><<<elementwise_blocks(n), kThreads, 0, stream>>>(args, gp, g_st, g_ss, n);
-    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -311,7 +308,6 @@ void itvm_residual_loss_bwd_cuda(const at::Tensor& grad_losses, const at::Tensor
 TORCH_LIBRARY_IMPL(ttfm, CUDA, m) {
   m.impl("flow_map_step", &flow_map_step_cuda);
   m.impl("itvm_residual_loss_fwd", &itvm_residual_loss_fwd_cuda);
-  m.impl("itvm_residual_loss_bwd", &itvm_residual_loss_bwd_cuda);
 }
 
 }  // namespace ttfm

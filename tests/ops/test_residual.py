@@ -28,20 +28,24 @@ def make_inputs(shape, dtype=torch.float32, target="jvp", weight=True):
     return [u_st, u_ss, v_s, a, b], coef, w
 
 
-def loss_and_grads(tensors, coef, weight, reduction, backend, **kw):
+def loss_and_grads(tensors, coef, weight, reduction, backend, unit_grad=False, **kw):
+    """Loss and its gradients for a random incoming gradient, or with ``unit_grad`` for ones (loss.backward())."""
     u_st, u_ss = (x.detach().clone().requires_grad_() for x in tensors[:2])
     fn = itvm_residual_loss_reference if backend is None else itvm_residual_loss
     extra = {} if backend is None else {"backend": backend}
     loss = fn(u_st, u_ss, *tensors[2:], coef, weight=weight, reduction=reduction, **kw, **extra)
-    gy = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
+    if unit_grad:
+        gy = torch.ones_like(loss)
+    else:
+        gy = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
     g_st, g_ss = torch.autograd.grad(loss, [u_st, u_ss], gy)
     return loss, g_st, g_ss
 
 
-def reference64(tensors, coef, weight, reduction, **kw):
+def reference64(tensors, coef, weight, reduction, unit_grad=False, **kw):
     """Reference loss and gradients from the same (possibly rounded) inputs, evaluated in float64."""
     return loss_and_grads([x.double() for x in tensors], coef.double(),
-                          None if weight is None else weight.double(), reduction, None, **kw)
+                          None if weight is None else weight.double(), reduction, None, unit_grad, **kw)
 
 
 @needs_cpu_kernel
@@ -51,11 +55,13 @@ def reference64(tensors, coef, weight, reduction, **kw):
     ((4, 37), "jvp", True), ((1, 1), "euler", False), ((3, 3), "fd", True), ((2, 5, 7, 3), "jvp", False),
     ((3, 20000), "euler", True),  # two kernel chunks per sample, the second one partial
 ])
-def test_cpu_matches_reference(dtype, reduction, shape, target, weight):
+# A unit incoming gradient takes the gradients the forward pass wrote; any other one recomputes them.
+@pytest.mark.parametrize("unit_grad", [True, False], ids=["unit-grad", "random-grad"])
+def test_cpu_matches_reference(dtype, reduction, shape, target, weight, unit_grad):
     tensors, coef, w = make_inputs(shape, dtype, target, weight)
     kw = {"lambda_init": 0.7, "lambda_term": 1.3}
-    loss, g_st, g_ss = loss_and_grads(tensors, coef, w, reduction, "cpu", **kw)
-    ref_loss, ref_st, ref_ss = reference64(tensors, coef, w, reduction, **kw)
+    loss, g_st, g_ss = loss_and_grads(tensors, coef, w, reduction, "cpu", unit_grad, **kw)
+    ref_loss, ref_st, ref_ss = reference64(tensors, coef, w, reduction, unit_grad, **kw)
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == accumulate and g_st.dtype == g_ss.dtype == dtype
     assert_close_to_ref(loss, ref_loss, dtype=accumulate, name="loss")
@@ -126,14 +132,70 @@ def test_cpu_deterministic_across_thread_counts():
 
 @needs_cpu_kernel
 def test_auto_picks_cpu_kernel_and_cuda_is_explicit_only(monkeypatch):
-    calls = []
-    kernel = function._residual_losses
-    monkeypatch.setattr(function, "_residual_losses", lambda *a: calls.append(1) or kernel(*a))
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference formula ran under auto")
+
+    monkeypatch.setattr(function, "itvm_residual_loss_reference", no_reference)
     tensors, coef, _ = make_inputs((2, 3))
-    itvm_residual_loss(*tensors, coef)
-    assert calls == [1]
+    loss = itvm_residual_loss(*tensors, coef)
+    assert loss.grad_fn is None and loss.shape == ()
     with pytest.raises(BackendUnavailableError, match="cuda"):
         itvm_residual_loss(*tensors, coef, backend="cuda")
+
+
+@needs_cpu_kernel
+def test_cpu_graph_is_kept_only_when_gradients_are_needed():
+    tensors, coef, w = make_inputs((2, 5))
+    u_st = tensors[0].clone().requires_grad_()
+    assert itvm_residual_loss(u_st, *tensors[1:], coef, weight=w).grad_fn is not None
+    with torch.no_grad():
+        assert itvm_residual_loss(u_st, *tensors[1:], coef, weight=w).grad_fn is None
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_backward_twice_with_retain_graph(reduction):
+    """The gradients the forward pass saved are not consumed or modified by a first backward."""
+    tensors, coef, w = make_inputs((3, 11))
+    u_st, u_ss = (x.clone().requires_grad_() for x in tensors[:2])
+    loss = itvm_residual_loss(u_st, u_ss, *tensors[2:], coef, weight=w, reduction=reduction, backend="cpu").sum()
+    first = torch.autograd.grad(loss, [u_st, u_ss], retain_graph=True)
+    second = torch.autograd.grad(loss, [u_st, u_ss], 2 * torch.ones_like(loss), retain_graph=True)
+    third = torch.autograd.grad(loss, [u_st, u_ss])
+    for a, b, c in zip(first, second, third, strict=True):
+        assert_nontrivial(a)
+        torch.testing.assert_close(b, 2 * a)
+        assert torch.equal(c, a)
+
+
+@needs_cpu_kernel
+def test_cpu_double_backward_is_a_clear_error():
+    tensors, coef, _ = make_inputs((2, 4), torch.float64)
+    u_st = tensors[0].clone().requires_grad_()
+    loss = itvm_residual_loss(u_st, *tensors[1:], coef, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"create_graph.*reference"):
+        torch.autograd.grad(loss, [u_st], create_graph=True)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_use_the_reference(transform):
+    tensors, coef, w = make_inputs((3, 6), torch.float64)
+
+    def loss(fn, u_st, u_ss):
+        return fn(u_st, u_ss, *tensors[2:], coef, weight=w)
+
+    if transform == "grad":
+        got = torch.func.grad(lambda a, b: loss(itvm_residual_loss, a, b), argnums=(0, 1))(*tensors[:2])
+        expected = torch.func.grad(lambda a, b: loss(itvm_residual_loss_reference, a, b), argnums=(0, 1))(
+            *tensors[:2])
+    else:
+        u_st, u_ss = (torch.stack([x, 2 * x]) for x in tensors[:2])
+        got = [torch.func.vmap(lambda a, b: loss(itvm_residual_loss, a, b))(u_st, u_ss)]
+        expected = [torch.stack([loss(itvm_residual_loss_reference, u_st[i], u_ss[i]) for i in range(2)])]
+    for a, b in zip(got, expected, strict=True):
+        assert_nontrivial(a)
+        assert_close_to_ref(a, b)
 
 
 @needs_cpu_kernel
@@ -163,15 +225,14 @@ def test_opcheck_public_and_kernel_ops():
     tensors, coef, w = make_inputs((3, 4, 5))
     grad_inputs = [x.clone().requires_grad_() for x in tensors[:2]] + tensors[2:]
     for weight in (w, None):
-        torch.library.opcheck(torch.ops.ttfm.itvm_residual_losses.default,
-                              (*grad_inputs, coef, weight, 0.5, 2.0))
-        torch.library.opcheck(torch.ops.ttfm.itvm_residual_losses_backward.default,
-                              (torch.randn(3), *tensors, coef, weight, 0.5, 2.0))
+        for reduction in ("mean", "none"):
+            torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss.default,
+                                  (*grad_inputs, coef, weight, 0.5, 2.0, reduction))
         torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
-                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3)))
-        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_bwd.default,
-                              (torch.randn(3), *tensors, coef, weight, 0.5, 2.0, torch.empty(3, 4, 5),
-                               torch.empty(3, 4, 5)))
+                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3), None, None, None))
+        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
+                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3), torch.randn(3),
+                               torch.empty(3, 4, 5), torch.empty(3, 4, 5)))
     torch.library.opcheck(torch.ops.ttfm.flow_map_step.default,
                           (tensors[0], tensors[1], coef, coef * 2, torch.empty(3, 4, 5)))
 
@@ -254,3 +315,18 @@ def test_cpu_kernel_under_torch_compile():
     ref = step(itvm_residual_loss_reference, *(x.clone().requires_grad_() for x in tensors[:2]))
     for name, a, r in zip(("loss", "grad u_st", "grad u_ss"), got, ref, strict=True):
         assert_close_to_ref(a, r.float(), name=name)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("scale", "kernel_calls"), [(1.0, 0), (2.0, 1)])
+def test_cpu_unit_gradient_reuses_the_forward_pass(scale, kernel_calls):
+    """loss.backward() takes the gradients the forward pass wrote; another incoming gradient recomputes them."""
+    tensors, coef, w = make_inputs((2, 7))
+    u_st = tensors[0].clone().requires_grad_()
+    loss = itvm_residual_loss(u_st, *tensors[1:], coef, weight=w, backend="cpu")
+    with torch.profiler.profile() as prof:
+        loss.backward(torch.tensor(scale))
+    calls = [e for e in prof.events() if e.name == "ttfm::itvm_residual_loss_fwd"]
+    assert len(calls) == kernel_calls
+    expected = torch.autograd.grad(itvm_residual_loss_reference(u_st, *tensors[1:], coef, weight=w) * scale, [u_st])
+    assert_close_to_ref(u_st.grad, expected[0])

@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 
 #include <initializer_list>
+#include <optional>
 
 namespace ttfm {
 
@@ -25,24 +26,52 @@ inline void check_flow_map_step_args(const at::Tensor& x, const at::Tensor& u, c
               "ttfm::flow_map_step: s and t must have shape (B,)");
 }
 
-// The five (B, ...) inputs: one shape, dtype and device, contiguous; per-sample tensors (B,) contiguous in the
-// accumulation dtype (float32, or float64 for float64 inputs).
-inline void check_residual_args(const at::Tensor& u_st, std::initializer_list<const at::Tensor*> like,
-                                std::initializer_list<const at::Tensor*> per_sample) {
-  TORCH_CHECK(u_st.dim() >= 1 && u_st.size(0) >= 1, "ttfm::itvm_residual_loss: u_st must be (B, ...) with B >= 1");
-  TORCH_CHECK(u_st.is_contiguous(), "ttfm::itvm_residual_loss: inputs must be contiguous");
+// Each tensor must match u_st in shape, dtype and device and be contiguous.
+inline void check_like_u_st(const at::Tensor& u_st, std::initializer_list<const at::Tensor*> like) {
   for (const at::Tensor* t : like) {
     TORCH_CHECK(t->sizes() == u_st.sizes() && t->scalar_type() == u_st.scalar_type() &&
                     t->device() == u_st.device() && t->is_contiguous(),
                 "ttfm::itvm_residual_loss: every (B, ...) tensor must match u_st in shape, dtype and device and "
                 "be contiguous");
   }
+}
+
+// Each tensor must be a contiguous (B,) tensor in the accumulation dtype of u_st (float32, or float64 for
+// float64 inputs) on u_st's device.
+inline void check_per_sample_of(const at::Tensor& u_st, std::initializer_list<const at::Tensor*> per_sample) {
   const at::ScalarType acc = at::toOpMathType(u_st.scalar_type());
   for (const at::Tensor* t : per_sample) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == u_st.size(0) && t->scalar_type() == acc &&
                     t->device() == u_st.device() && t->is_contiguous(),
                 "ttfm::itvm_residual_loss: coef, weight, losses and grad_losses must be contiguous (B,) tensors of "
                 "dtype ", acc, " on u_st's device");
+  }
+}
+
+// The inputs of the residual loss: five (B, ...) tensors alike and contiguous, coef and weight (B,).
+inline void check_residual_inputs(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
+                                  const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
+                                  const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(u_st.dim() >= 1 && u_st.size(0) >= 1, "ttfm::itvm_residual_loss: u_st must be (B, ...) with B >= 1");
+  TORCH_CHECK(u_st.is_contiguous(), "ttfm::itvm_residual_loss: inputs must be contiguous");
+  check_like_u_st(u_st, {&u_ss, &v_s, &target_a, &target_b});
+  check_per_sample_of(u_st, {&coef});
+  if (weight.has_value()) check_per_sample_of(u_st, {&*weight});
+}
+
+// The outputs of itvm_residual_loss_fwd: losses (B,); grad_losses (B,), grad_u_st and grad_u_ss (like u_st) given
+// together or not at all.
+inline void check_residual_outputs(const at::Tensor& u_st, const at::Tensor& losses,
+                                   const std::optional<at::Tensor>& grad_losses,
+                                   const std::optional<at::Tensor>& grad_u_st,
+                                   const std::optional<at::Tensor>& grad_u_ss) {
+  check_per_sample_of(u_st, {&losses});
+  const bool grads = grad_losses.has_value();
+  TORCH_CHECK(grad_u_st.has_value() == grads && grad_u_ss.has_value() == grads,
+              "ttfm::itvm_residual_loss: grad_losses, grad_u_st and grad_u_ss must be given together");
+  if (grads) {
+    check_per_sample_of(u_st, {&*grad_losses});
+    check_like_u_st(u_st, {&*grad_u_st, &*grad_u_ss});
   }
 }
 

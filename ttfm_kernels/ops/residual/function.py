@@ -4,15 +4,20 @@
 residuals (MATH.md section 2). Backends: "reference" (``reference.py``), "cpu" (``csrc/cpu/residual.cpp``) and
 "cuda" (``csrc/cuda/ttfm_cuda.cu``; compiled, not run on a GPU), both built on ``csrc/include/ttfm/residual.h``.
 
-The compiled residual loss is the functional custom op ``ttfm::itvm_residual_losses`` (weighted per-sample
-losses, one pass over the inputs) with its autograd registered through ``torch.library.register_autograd``: the
-backward is ``ttfm::itvm_residual_losses_backward`` (both gradients in one pass). The reduction over the batch
-runs as torch ops on the (B,) losses. Non-contiguous inputs are copied to contiguous memory first.
+The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp) with its
+autograd registered in C++, because a Python autograd wrapper cost more than the kernels at everyday sizes. One
+kernel pass computes the weighted per-sample losses; on CPU, when gradients are needed, the same pass writes them
+for a unit incoming gradient, which backward returns as they are (it recomputes them from the inputs for any
+other gradient, and always on CUDA, where checking the gradient's value would synchronise). It has
+no forward-AD rule and C++ autograd functions do not run under torch.func transforms, so a call carrying
+tangents or made inside torch.func.grad / vmap / jvp runs the reference formula. Non-contiguous inputs are copied
+to contiguous memory first.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
@@ -20,7 +25,6 @@ from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
 from ttfm_kernels.ops.residual.reference import (
     flow_map_step_reference,
     itvm_residual_loss_reference,
-    reduce_per_sample,
 )
 
 __all__ = ["flow_map_step", "itvm_residual_loss"]
@@ -39,83 +43,39 @@ _RESIDUAL = OpBackends("itvm_residual_loss", {
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _has_tangent(*tensors: torch.Tensor | None) -> bool:
-    """True when a forward-AD tangent must be carried through these tensors."""
-    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+def _autodiff_transform(*tensors: torch.Tensor | None) -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, ...) or when a forward-AD tangent rides on one of
+    these tensors: the compiled residual kernels support neither, so such calls run the reference formula."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if fwAD._current_level < 0:  # no dual_level is open, so no tensor carries a tangent (the common, fast case)
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    """True when a graph must be kept or a forward-AD tangent carried through these tensors."""
+    """True when a graph must be kept or a tangent carried through these tensors."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    return _has_tangent(*tensors)
+    return _autodiff_transform(*tensors)
 
 
-@torch.library.custom_op("ttfm::itvm_residual_losses", mutates_args=())
-def _residual_losses(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor, target_a: torch.Tensor,
-                     target_b: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor | None, lambda_init: float,
-                     lambda_term: float) -> torch.Tensor:
-    """Weighted per-sample ITVM losses (B,) in coef's dtype (the accumulation dtype) from the compiled kernel.
-
-    All (B, ...) inputs contiguous and of one dtype; coef and weight contiguous (B,) in the accumulation dtype.
-    """
-    losses = _alloc.empty((u_st.shape[0],), dtype=coef.dtype, device=u_st.device)
-    torch.ops.ttfm.itvm_residual_loss_fwd(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                          lambda_term, losses)
-    return losses
-
-
-@_residual_losses.register_fake
-def _residual_losses_fake(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term):
-    return u_st.new_empty((u_st.shape[0],), dtype=coef.dtype)
-
-
-@torch.library.custom_op("ttfm::itvm_residual_losses_backward", mutates_args=())
-def _residual_losses_backward(grad_losses: torch.Tensor, u_st: torch.Tensor, u_ss: torch.Tensor,
-                              v_s: torch.Tensor, target_a: torch.Tensor, target_b: torch.Tensor, coef: torch.Tensor,
-                              weight: torch.Tensor | None, lambda_init: float,
-                              lambda_term: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (d/du_st, d/du_ss) of sum_b grad_losses[b] * losses[b], in u_st's dtype, from one kernel pass."""
-    grad_u_st = _alloc.empty_like(u_st)
-    grad_u_ss = _alloc.empty_like(u_ss)
-    torch.ops.ttfm.itvm_residual_loss_bwd(grad_losses, u_st, u_ss, v_s, target_a, target_b, coef, weight,
-                                          lambda_init, lambda_term, grad_u_st, grad_u_ss)
-    return grad_u_st, grad_u_ss
-
-
-@_residual_losses_backward.register_fake
-def _residual_losses_backward_fake(grad_losses, u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                   lambda_term):
-    return torch.empty_like(u_st), torch.empty_like(u_ss)
-
-
-def _residual_setup_context(ctx, inputs, output) -> None:
-    u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term = inputs
-    ctx.save_for_backward(u_st, u_ss, v_s, target_a, target_b, coef, weight)
-    ctx.lambdas = (lambda_init, lambda_term)
-
-
-def _residual_backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    u_st, u_ss, v_s, target_a, target_b, coef, weight = ctx.saved_tensors
-    grad_u_st, grad_u_ss = _residual_losses_backward(grad_losses.to(coef.dtype).contiguous(), u_st, u_ss, v_s,
-                                                     target_a, target_b, coef, weight, *ctx.lambdas)
-    return (grad_u_st if ctx.needs_input_grad[0] else None, grad_u_ss if ctx.needs_input_grad[1] else None,
-            *[None] * 7)
-
-
-torch.library.register_autograd("ttfm::itvm_residual_losses", _residual_backward,
-                                setup_context=_residual_setup_context)
+def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, reduction):
+    shape = (u_st.shape[0],) if reduction == "none" else ()
+    return u_st.new_empty(shape, dtype=coef.dtype)
 
 
 def _register_kernel_fakes() -> None:
-    """Fake (meta) kernels of the private C++ ops, so they trace under torch.compile and pass opcheck.
+    """Fake (meta) kernels of the C++ ops, so they trace under torch.compile and pass opcheck.
 
-    They write only into their ``out`` arguments, so the fakes do nothing. Registered only when the extension
-    declared the ops (registering a fake of a missing op raises).
+    The kernel ops write only into their ``out`` arguments, so their fakes do nothing. Registered only when the
+    extension declared the ops (registering a fake of a missing op raises).
     """
-    for op in ("flow_map_step", "itvm_residual_loss_fwd", "itvm_residual_loss_bwd"):
+    for op in ("flow_map_step", "itvm_residual_loss_fwd"):
         if _ext.has_op(op):
             torch.library.register_fake(f"ttfm::{op}", lambda *args, **kwargs: None)
+    if _ext.has_op("itvm_residual_loss"):
+        torch.library.register_fake("ttfm::itvm_residual_loss", _residual_loss_fake)
 
 
 _register_kernel_fakes()
@@ -175,12 +135,16 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
             raise ValueError(f"{name} requires grad, but it is a stop-gradient target: pass {name}.detach() "
                              "(gradients flow only to u_st and u_ss)")
     name = _RESIDUAL.select(backend, u_st.device, u_st.dtype)
-    if name == "reference" or _has_tangent(u_st, u_ss, v_s, target_a, target_b, coef, weight):
+    if name == "reference" or _autodiff_transform(u_st, u_ss, v_s, target_a, target_b, coef, weight):
         return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, weight=weight,
                                             lambda_init=lambda_init, lambda_term=lambda_term, reduction=reduction)
-    acc = torch.promote_types(u_st.dtype, torch.float32)
-    per_sample = _residual_losses(
+    acc = torch.float64 if u_st.dtype == torch.float64 else torch.float32
+    return torch.ops.ttfm.itvm_residual_loss(
         u_st.contiguous(), u_ss.contiguous(), v_s.contiguous(), target_a.contiguous(), target_b.contiguous(),
-        coef.to(acc).contiguous(), None if weight is None else weight.to(acc).contiguous(), float(lambda_init),
-        float(lambda_term))
-    return reduce_per_sample(per_sample, None, reduction)
+        _per_sample_arg(coef, acc), None if weight is None else _per_sample_arg(weight, acc), float(lambda_init),
+        float(lambda_term), reduction)
+
+
+def _per_sample_arg(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype`` (the kernels' per-sample argument layout), copied only if needed."""
+    return t.contiguous() if t.dtype == dtype else t.to(dtype).contiguous()
