@@ -66,8 +66,8 @@ def _check(tensors: list[torch.Tensor], coef: torch.Tensor, weight: torch.Tensor
         assert_close_to_ref(a, r.to(a.dtype), name=name)
 
 
-#: Required speedups. Issue 8 asks for 3x at both sizes. D = 65536 meets it in every idle run (4.2x-5.9x over six
-#: runs). At D = 4096 six idle runs gave 2.7x-3.9x (median 3.5x): the op costs about 0.37-0.44 ms, of which the
+#: Required speedups. Issue 8 asks for 3x at both sizes. D = 65536 meets it in every idle run (4.2x-5.9x over seven
+#: runs). At D = 4096 seven idle runs gave 2.7x-3.9x (median 3.3x): the op costs about 0.35-0.44 ms, of which the
 #: memory pass takes 0.22 ms (9 MB at L3 bandwidth on 2 cores), a cold autograd engine call 0.08 ms (a backward
 #: of x.sum() alone costs that right after the eager composite ran) and the Python entry point 0.045 ms, while
 #: the eager composite swings between 1.0 and 1.7 ms with its allocator's page faults. Its floor is 2.5x, not 3x.
