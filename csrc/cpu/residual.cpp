@@ -194,6 +194,23 @@ bool is_plain_cpu(const at::Tensor& t) {
          !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
+// Uninitialised outputs for grad_u_st and grad_u_ss, contiguous and shaped like u_st, as the two halves of ONE
+// allocation: as two 1 MB buffers (B = 64, D = 4096 fp32) glibc returned them to the system after every step and
+// the next step paid about 500 page faults (0.3 ms). Plain CPU tensors get the halves without a torch op
+// (at::from_blob keeping the buffer's storage alive); traced and CUDA tensors through select and view.
+std::tuple<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& u_st) {
+  const at::Tensor both = empty_output({2, u_st.sym_numel()}, u_st.options());
+  if (!is_plain_cpu(u_st)) {
+    return {both[0].view_symint(u_st.sym_sizes()), both[1].view_symint(u_st.sym_sizes())};
+  }
+  const int64_t bytes = u_st.numel() * u_st.element_size();
+  auto half = [&](int64_t index) {
+    return at::from_blob(static_cast<char*>(both.data_ptr()) + index * bytes, u_st.sizes(),
+                         [keep = both.storage()](void*) {}, u_st.options());
+  };
+  return {half(0), half(1)};
+}
+
 // The loss of plain CPU tensors computed here directly rather than through the kernel op and torch ops: the
 // reduction runs on the per-sample losses in a plain loop and, with `unit_grads`, the gradients for a unit
 // incoming gradient of the reduced loss are written in the same pass. Every torch op avoided saves microseconds
@@ -209,18 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_loss(const at::Tensor& u_st, 
   at::Tensor loss = reduction == Reduction::kNone ? empty_output({u_st.sym_size(0)}, coef.options())
                                                   : empty_output({}, coef.options());
   at::Tensor grad_u_st, grad_u_ss;
-  if (unit_grads) {
-    // Both gradients in one allocation: as two 1 MB buffers (B = 64, D = 4096 fp32) glibc returned them to the
-    // system after every step and the next step paid about 500 page faults (0.3 ms); one 2 MB buffer stays mapped.
-    const at::Tensor both = empty_output({2 * u_st.sym_numel()}, u_st.options());
-    const int64_t bytes = u_st.numel() * u_st.element_size();
-    auto half = [&](int64_t index) {
-      return at::from_blob(static_cast<char*>(both.data_ptr()) + index * bytes, u_st.sizes(),
-                           [keep = both.storage()](void*) {}, u_st.options());
-    };
-    grad_u_st = half(0);
-    grad_u_ss = half(1);
-  }
+  if (unit_grads) std::tie(grad_u_st, grad_u_ss) = gradient_buffers(u_st);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t> in = inputs_of<scalar_t>(u_st, u_ss, v_s, target_a, target_b);
@@ -271,11 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_pass(const at::Tensor& u
                 std::nullopt, std::nullopt);
     return {losses, at::Tensor(), at::Tensor()};
   }
-  // Both gradients in one allocation: as two 1 MB buffers (B = 64, D = 4096 fp32) glibc returned them to the
-  // system after every step and the next step paid about 500 page faults (0.3 ms); one 2 MB buffer stays mapped.
-  at::Tensor both = empty_output({2, u_st.sym_numel()}, u_st.options());
-  at::Tensor grad_u_st = both[0].view_symint(u_st.sym_sizes());
-  at::Tensor grad_u_ss = both[1].view_symint(u_st.sym_sizes());
+  const auto [grad_u_st, grad_u_ss] = gradient_buffers(u_st);
   kernel.call(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, losses, grad_losses,
               grad_u_st, grad_u_ss);
   return {losses, grad_u_st, grad_u_ss};
@@ -313,18 +315,30 @@ bool is_unit_cpu_grad(const at::Tensor& grad) {
   return unit;
 }
 
+// The reduced loss, and with `unit_grads` on plain CPU tensors the gradients for a unit incoming gradient (undefined
+// otherwise): {loss, grad_u_st, grad_u_ss}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward(const at::Tensor& u_st, const at::Tensor& u_ss,
+                                                            const at::Tensor& v_s, const at::Tensor& target_a,
+                                                            const at::Tensor& target_b, const at::Tensor& coef,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            double lambda_init, double lambda_term,
+                                                            Reduction reduction, bool unit_grads) {
+  if (is_plain_cpu(u_st)) {
+    return cpu_loss(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, reduction,
+                    unit_grads);
+  }
+  const at::Tensor losses =
+      std::get<0>(residual_pass(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term,
+                                at::Tensor()));
+  return {reduce(losses, reduction), at::Tensor(), at::Tensor()};
+}
+
 at::Tensor itvm_residual_loss_composite(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
                                         const at::Tensor& target_a, const at::Tensor& target_b,
                                         const at::Tensor& coef, const std::optional<at::Tensor>& weight,
                                         double lambda_init, double lambda_term, c10::string_view reduction) {
-  const Reduction red = parse_reduction(reduction);
-  if (is_plain_cpu(u_st)) {
-    return std::get<0>(cpu_loss(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, red,
-                                /*unit_grads=*/false));
-  }
-  const auto [losses, unused_st, unused_ss] =
-      residual_pass(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, at::Tensor());
-  return reduce(losses, red);
+  return std::get<0>(loss_forward(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term,
+                                  parse_reduction(reduction), /*unit_grads=*/false));
 }
 
 // Gradients flow to u_st and u_ss only (v_s, the targets, coef and weight are stop-gradient by definition).
@@ -340,15 +354,8 @@ class ResidualLossFunction : public torch::autograd::Function<ResidualLossFuncti
                             double lambda_term, c10::string_view reduction) {
     const at::AutoDispatchBelowADInplaceOrView guard;
     const Reduction red = parse_reduction(reduction);
-    at::Tensor loss, grad_u_st, grad_u_ss;
-    if (is_plain_cpu(u_st)) {
-      std::tie(loss, grad_u_st, grad_u_ss) = cpu_loss(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                                      lambda_term, red, /*unit_grads=*/true);
-    } else {
-      loss = reduce(std::get<0>(residual_pass(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                              lambda_term, at::Tensor())),
-                    red);
-    }
+    const auto [loss, grad_u_st, grad_u_ss] = loss_forward(u_st, u_ss, v_s, target_a, target_b, coef, weight,
+                                                           lambda_init, lambda_term, red, /*unit_grads=*/true);
     ctx->save_for_backward(
         {u_st, u_ss, v_s, target_a, target_b, coef, weight.value_or(at::Tensor()), grad_u_st, grad_u_ss});
     ctx->saved_data["lambda_init"] = lambda_init;

@@ -138,13 +138,8 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
     if name == "reference" or _autodiff_transform(u_st, u_ss, v_s, target_a, target_b, coef, weight):
         return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, weight=weight,
                                             lambda_init=lambda_init, lambda_term=lambda_term, reduction=reduction)
-    acc = torch.float64 if u_st.dtype == torch.float64 else torch.float32
+    acc = torch.promote_types(u_st.dtype, torch.float32)
     return torch.ops.ttfm.itvm_residual_loss(
         u_st.contiguous(), u_ss.contiguous(), v_s.contiguous(), target_a.contiguous(), target_b.contiguous(),
-        _per_sample_arg(coef, acc), None if weight is None else _per_sample_arg(weight, acc), float(lambda_init),
+        coef.to(acc).contiguous(), None if weight is None else weight.to(acc).contiguous(), float(lambda_init),
         float(lambda_term), reduction)
-
-
-def _per_sample_arg(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as a contiguous tensor of ``dtype`` (the kernels' per-sample argument layout), copied only if needed."""
-    return t.contiguous() if t.dtype == dtype else t.to(dtype).contiguous()
