@@ -15,8 +15,8 @@ class GuidedTeacher(nn.Module):
 
     ``forward(x, t, **cond) = v(x, t, **null_cond) + scale * (v(x, t, **cond) - v(x, t, **null_cond))``,
     two teacher calls. ``null_cond`` holds the unconditional arguments (e.g. ``{"y": null_label}``); a tensor
-    in it with a leading dim of 1 (or no dims) is expanded to the batch, and moved to x's device. ``sigma`` is
-    the teacher's.
+    in it with a leading dim of 1 (or no dims) is expanded to the batch, and moved to x's device. ``sigma`` and
+    ``t_range`` (when the teacher has one, e.g. an ``adapters.Teacher``) are the teacher's.
     """
 
     def __init__(self, teacher: nn.Module, scale: float, null_cond: Mapping[str, object]) -> None:
@@ -24,8 +24,9 @@ class GuidedTeacher(nn.Module):
         if not isinstance(null_cond, Mapping):
             raise TypeError(f"null_cond must be a mapping of keyword arguments, got {type(null_cond).__name__}")
         self.teacher, self.scale, self.null_cond = teacher, float(scale), dict(null_cond)
-        if hasattr(teacher, "sigma"):
-            self.sigma = teacher.sigma
+        for name in ("sigma", "t_range"):
+            if hasattr(teacher, name):
+                setattr(self, name, getattr(teacher, name))
 
     def _null(self, x: torch.Tensor) -> dict[str, object]:
         def expand(value: object) -> object:
