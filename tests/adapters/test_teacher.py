@@ -1,13 +1,15 @@
 """adapters.Teacher: each prediction type converted to this library's v, against the exact velocity of Gaussian
 data (float64), on and between the schedule's table entries; t_range; ode_solve; errors."""
 
-import subprocess
+import ast
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import ttfm_kernels
 from tests.adapters.gaussian_models import DTYPE, FakeFlow, FakeVelocity, FakeVP, gaussian_data, schedule
 from tests.flow_models import GaussianFlowMap, GaussianTeacher
 from ttfm_kernels import GuidedTeacher, ode_solve, sample
@@ -124,8 +126,8 @@ def test_ode_solve_through_the_vp_adapter_lands_where_the_exact_flow_does():
     start = (1 - lo) * x0  # the start state: x_{t_min} without its t_min x1 part
     s, t = torch.full((B,), lo, dtype=DTYPE), torch.full((B,), hi, dtype=DTYPE)
     solution = (start + (hi - lo) * exact(start, s, t)).detach()
-    err = [float((ode_solve(teacher, x0, steps=n, method="heun") - solution).abs().max()) for n in (40, 80)]
-    assert err[1] < 1.5e-4 and 3.2 < err[0] / err[1] < 4.8, err  # Heun's second order, to the exact endpoint
+    err = [float((ode_solve(teacher, x0, steps=n, method="heun") - solution).abs().max()) for n in (20, 40)]
+    assert err[1] < 6e-4 and 3.2 < err[0] / err[1] < 4.8, err  # Heun's second order, to the exact endpoint
     # a two-time map sampled over the same range starts from the same state and lands there exactly
     exact.t_range = teacher.t_range
     torch.testing.assert_close(sample(exact, x0, steps=2), solution, rtol=1e-12, atol=1e-12)
@@ -159,10 +161,14 @@ def test_guided_teacher_composes_and_keeps_the_range():
     assert GuidedTeacher(vp, 2.0, {}).t_range == vp.t_range
 
 
-def test_import_needs_no_diffusers():
-    code = ("import sys; sys.modules['diffusers'] = None\n"
-            "import ttfm_kernels, ttfm_kernels.adapters as a\n"
-            "try:\n    a.Teacher.from_pretrained('.', prediction='flow')\n"
-            "except ImportError as e:\n    print('ok', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith("ok") and "pip install diffusers" in out.stdout, out
+def test_import_needs_no_diffusers(monkeypatch):
+    """No module of the package imports diffusers at import time (only inside functions), and from_pretrained
+    without diffusers says how to get it."""
+    for path in Path(ttfm_kernels.__file__).parent.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module-level statements only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "diffusers" for n in names), path
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match="pip install diffusers"):
+        Teacher.from_pretrained(".", prediction="flow")

@@ -13,9 +13,9 @@ from ttfm_kernels.losses import emd_loss, flow_matching_loss, itvm_loss, lfmd_lo
 
 N, D = 4, 3
 COMMON = {"ema": None, "cond": None, "teacher_cond": None, "x0": None, "s": None, "t": None, "sigma": None,
-          "weight": None, "reduction": "mean", "time_sampler": None, "backend": "auto"}
+          "weight": None, "reduction": "mean", "time_sampler": None, "backend": "auto", "extrapolate": False}
 FLOW_MATCHING = {"cond": None, "x0": None, "t": None, "sigma": None, "weight": None, "reduction": "mean",
-                 "time_sampler": None}
+                 "time_sampler": None, "extrapolate": False}
 SECOND = {itvm_loss: "teacher", emd_loss: "teacher", lfmd_loss: "teacher", progressive_loss: "frozen"}
 
 # (loss, its keywords, whether the second model is the teacher v(x, t) or a two-time map u(x, s, t))

@@ -13,7 +13,7 @@ from torch import nn
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
 from ttfm_kernels._per_sample import REDUCTIONS, reduce_per_sample
 from ttfm_kernels.flow.interpolant import interpolate, resolve_sigma
-from ttfm_kernels.flow.time_sampling import TimeSampler
+from ttfm_kernels.flow.time_sampling import TimeSampler, check_in_range, t_range_of
 
 __all__ = ["Batch", "check_no_ema", "loss_stats", "prepare", "repeat_cond", "squared_error"]
 
@@ -79,13 +79,15 @@ def _check_cond(name: str, cond: Mapping[str, object] | None) -> dict[str, objec
 def prepare(x1: torch.Tensor, models: Mapping[str, object], *, sigma_from: object, pair: bool,
             cond: Mapping[str, object] | None, teacher_cond: Mapping[str, object] | None,
             x0: torch.Tensor | None, s: torch.Tensor | None, t: torch.Tensor | None, sigma: float | None,
-            weight: torch.Tensor | None, reduction: str, time_sampler: TimeSampler | None) -> Batch:
+            weight: torch.Tensor | None, reduction: str, time_sampler: TimeSampler | None,
+            extrapolate: bool) -> Batch:
     """Validate the common loss arguments and fill in what was not given.
 
     ``models``: name -> model (None: absent), checked for dtype and device against x1. ``sigma_from``: the
     model whose ``sigma`` attribute is the noise scale (the teacher) unless ``sigma`` is given; another model in
     ``models`` with a different ``sigma`` attribute is an error. ``pair``: draw (s, t) with s <= t, else only t
-    (s is None). x0 defaults to sigma * N(0, I); times default to ``time_sampler`` (uniform on the triangle).
+    (s is None). x0 defaults to sigma * N(0, I); times default to ``time_sampler`` (uniform on the triangle),
+    drawn inside ``sigma_from``'s ``t_range`` (default (0, 1)); given times outside it raise unless ``extrapolate``.
     ``teacher_cond`` updates ``cond`` (top-level keys replaced) for the teacher's calls only.
     Nothing here reads a tensor's values on the host unless the caller gave the times (see ``_check_times``).
     """
@@ -120,15 +122,18 @@ def prepare(x1: torch.Tensor, models: Mapping[str, object], *, sigma_from: objec
     if pair and (s is None) != (t is None):
         raise ValueError("give both s and t, or neither (they are then drawn by time_sampler)")
     sampler = time_sampler if time_sampler is not None else _DEFAULT_SAMPLER
+    t_range = t_range_of(sigma_from)
     if t is None:  # drawn: valid by construction, so nothing is read back
         if pair:
-            s, t = sampler(batch, device=x1.device, dtype=_time_dtype(x1))
+            s, t = sampler(batch, device=x1.device, dtype=_time_dtype(x1), t_range=t_range)
         else:
-            t = sampler.single(batch, device=x1.device, dtype=_time_dtype(x1))
+            t = sampler.single(batch, device=x1.device, dtype=_time_dtype(x1), t_range=t_range)
     else:
         t = _check_times("t", t, x1)
+        check_in_range("t", t, t_range, extrapolate)
         if pair:
             s = _check_times("s", s, x1)
+            check_in_range("s", s, t_range, extrapolate)
             if (t < s).any():
                 raise ValueError(f"t < s for {int((t < s).sum())} samples; the flow-map losses need s <= t "
                                  "per sample")

@@ -21,7 +21,7 @@ def emd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: n
              x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
              sigma: float | None = None, weight: torch.Tensor | None = None, reduction: str = "mean",
              time_sampler: TimeSampler | None = None,
-             backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             backend: str = "auto", extrapolate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """E w |u_theta(x_s, s, t) - sg(v(x_s, s) + (t - s) [d/ds u + (grad_x u) v(x_s, s)])|^2.
 
     The bracket is ONE JVP with tangent (v(x_s, s), 1, 0) of ``ema`` (theta^-), or of the student itself when
@@ -35,7 +35,7 @@ def emd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: n
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     b = prepare(x1, {"student": student, "teacher": teacher, "ema": ema}, sigma_from=teacher, pair=True,
                 cond=cond, teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight,
-                reduction=reduction, time_sampler=time_sampler)
+                reduction=reduction, time_sampler=time_sampler, extrapolate=extrapolate)
     with torch.no_grad():
         v_s = teacher(b.xs, b.s, **b.teacher_cond)
         _, du = jvp_sx(ema if ema is not None else student, b.xs, b.s, b.t, v_s, **b.cond)

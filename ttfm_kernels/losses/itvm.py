@@ -22,8 +22,8 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
               cond: Mapping[str, object] | None = None, teacher_cond: Mapping[str, object] | None = None,
               x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
               sigma: float | None = None, weight: torch.Tensor | None = None, reduction: str = "mean",
-              time_sampler: TimeSampler | None = None, backend: str = "auto", target: str = "jvp",
-              delta: float = 0.1, lambda_init: float = 1.0, lambda_term: float = 1.0,
+              time_sampler: TimeSampler | None = None, backend: str = "auto", extrapolate: bool = False,
+              target: str = "jvp", delta: float = 0.1, lambda_init: float = 1.0, lambda_term: float = 1.0,
               terminal_init: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ITVM loss: lambda_init E w |u(x_s, s, s) - v(x_s, s)|^2 + lambda_term E w |u(x_s, s, t) - sg(target_T)|^2.
 
@@ -47,7 +47,7 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
         raise ValueError(f"delta must be in (0, 1] for target {target!r}, got {delta!r}")
     b = prepare(x1, {"student": student, "teacher": teacher, "ema": ema}, sigma_from=teacher, pair=True,
                 cond=cond, teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight,
-                reduction=reduction, time_sampler=time_sampler)
+                reduction=reduction, time_sampler=time_sampler, extrapolate=extrapolate)
     xs, s, t, n = b.xs, b.s, b.t, b.size
     ema = ema if ema is not None else student
     cond2 = repeat_cond(b.cond, n, 2)

@@ -21,7 +21,7 @@ def lfmd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
               x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
               sigma: float | None = None, weight: torch.Tensor | None = None, reduction: str = "mean",
               time_sampler: TimeSampler | None = None,
-              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              backend: str = "auto", extrapolate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """E w |d/dt X_theta(x_s, s, t) - sg(v(X_theta(x_s, s, t), t))|^2, d/dt X = u + (t - s) du/dt.
 
     One JVP of the student in t with its graph kept (reverse-over-forward through ``torch.func.jvp``, or the
@@ -32,7 +32,7 @@ def lfmd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
     check_no_ema("lfmd_loss", ema)
     b = prepare(x1, {"student": student, "teacher": teacher}, sigma_from=teacher, pair=True, cond=cond,
                 teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight, reduction=reduction,
-                time_sampler=time_sampler)
+                time_sampler=time_sampler, extrapolate=extrapolate)
     u, du = jvp_t(student, b.xs, b.s, b.t, create_graph=True, **b.cond)
     with torch.no_grad():
         end = flow_map_step(b.xs, u.detach(), b.s, b.t, backend=backend)

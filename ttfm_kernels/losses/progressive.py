@@ -19,7 +19,7 @@ def progressive_loss(student: nn.Module, frozen: nn.Module, x1: torch.Tensor, *,
                      x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
                      sigma: float | None = None, weight: torch.Tensor | None = None, reduction: str = "mean",
                      time_sampler: TimeSampler | None = None,
-                     backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     backend: str = "auto", extrapolate: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """E w |X_theta(x_s, s, t) - sg(Xc_{m,t}(Xc_{s,m}(x_s)))|^2, m = (s + t) / 2, Xc the ``frozen`` copy.
 
     student, frozen: two-time maps u(x, s, t, **cond); ``frozen`` plays the teacher (its calls get
@@ -31,7 +31,7 @@ def progressive_loss(student: nn.Module, frozen: nn.Module, x1: torch.Tensor, *,
     check_no_ema("progressive_loss", ema)
     b = prepare(x1, {"student": student, "frozen": frozen}, sigma_from=frozen, pair=True, cond=cond,
                 teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight, reduction=reduction,
-                time_sampler=time_sampler)
+                time_sampler=time_sampler, extrapolate=extrapolate)
     m = (b.s + b.t) / 2
     with torch.no_grad():
         mid = flow_map_step(b.xs, frozen(b.xs, b.s, m, **b.teacher_cond), b.s, m, backend=backend)
