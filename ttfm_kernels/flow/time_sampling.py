@@ -36,10 +36,11 @@ def check_in_range(name: str, times: torch.Tensor, t_range: TRange, extrapolate:
     lo, hi = (torch.tensor(v, dtype=times.dtype, device=times.device) for v in t_range)
     outside = (times < lo) | (times > hi)
     if outside.any():
-        raise ValueError(f"{name} has {int(outside.sum())} values outside the teacher's t_range = "
+        raise ValueError(f"{name}: {int(outside.sum())} of {times.numel()} values lie outside the teacher's t_range = "
                          f"({t_range[0]:.6g}, {t_range[1]:.6g}) (times in [{float(times.min()):.6g}, "
                          f"{float(times.max()):.6g}]): the teacher was not trained there; pass extrapolate=True "
                          "to evaluate it anyway")
+
 
 _MARGINALS = ("uniform", "lognormal")
 
