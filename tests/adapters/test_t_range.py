@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ttfm_kernels import TimeSampler
+from tests.flow_models import TwoTimeNet
+from ttfm_kernels import EMA, TimeSampler, sample
 from ttfm_kernels.flow import time_grid
 from ttfm_kernels.flow.time_sampling import check_in_range, t_range_of
 
@@ -55,3 +56,14 @@ def test_uniform_grid_spans_the_range():
     with pytest.raises(ValueError, match="extrapolate=True"):
         time_grid(1, [0.0, 1.0], RANGE)
     assert time_grid(1, [0.0, 1.0], RANGE, extrapolate=True) == [0.0, 1.0]
+
+
+def test_ema_of_a_ranged_model_samples_inside_its_range():
+    student, times = TwoTimeNet(3), []
+    student.t_range = RANGE
+    ema = EMA(student)
+    ema.module.register_forward_pre_hook(lambda module, args: times.append(args[1:3]))
+    sample(ema, torch.randn(2, 3, dtype=torch.float64), steps=2)
+    assert ema.t_range == RANGE
+    assert [(float(s[0]), float(t[0])) for s, t in times] == [(RANGE[0], time_grid(2, t_range=RANGE)[1]),
+                                                             (time_grid(2, t_range=RANGE)[1], RANGE[1])]

@@ -16,7 +16,8 @@ class EMA(nn.Module):
     The effective decay at update n (1-based) is ``min(decay, (1 + n) / (warmup + n))`` when ``warmup > 0``
     (early updates follow the model closely), else ``decay``. Buffers (e.g. norm statistics) are copied.
     ``forward`` runs the averaged copy with the model's signature, without gradients to its weights;
-    ``state_dict()`` holds the copy's weights (under ``module.``) and the update count.
+    ``state_dict()`` holds the copy's weights (under ``module.``) and the update count. ``sigma`` and
+    ``t_range`` are the model's, when it has them.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 0) -> None:
@@ -28,8 +29,9 @@ class EMA(nn.Module):
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        if hasattr(model, "sigma"):
-            self.sigma = model.sigma
+        for name in ("sigma", "t_range"):  # the model's noise scale and time range (sample, losses)
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
 
     def _decay(self) -> float | torch.Tensor:
         """The decay the next ``update`` uses: ``decay`` without warmup, else a 0-dim float32 tensor on the
