@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ttfm_kernels.ops.residual.reference import per_sample
+from ttfm_kernels._per_sample import per_sample
 
 __all__ = ["PREDICTIONS", "VP_PREDICTIONS", "Teacher"]
 
