@@ -48,3 +48,14 @@ def test_from_pretrained_errors_are_named(saved, tmp_path):
         Teacher.from_pretrained(tmp_path, prediction="flow")
     teacher = Teacher.from_pretrained(saved / "unet", prediction="velocity")  # no scheduler: as stated
     assert teacher.prediction == "velocity"
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_written_out_schedules_are_diffusers_own(name):
+    from tests.adapters.gaussian_models import schedule
+    stable_diffusion = {"beta_start": 0.00085, "beta_end": 0.012} if name == "scaled_linear" else {}
+    theirs = diffusers.DDPMScheduler(beta_schedule=name, **stable_diffusion).alphas_cumprod
+    torch.testing.assert_close(schedule(name).float(), theirs, rtol=1e-5, atol=1e-7)
+    teacher = Teacher(torch.nn.Identity(), "v_prediction", alphas_cumprod=theirs)
+    assert teacher.t_range == pytest.approx(Teacher(torch.nn.Identity(), "v_prediction",
+                                                    alphas_cumprod=schedule(name)).t_range, rel=1e-4)
