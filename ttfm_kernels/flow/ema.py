@@ -50,13 +50,18 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the average toward ``model``'s current weights (same architecture as at construction).
 
-        No host sync: with warmup the decay stays a device tensor (``torch.Tensor.lerp_`` takes it as weight)."""
-        weight = 1.0 - self._decay()
+        No host sync: with warmup the decay stays a device tensor, cast once per parameter dtype (a tensor
+        weight of ``torch.Tensor.lerp_`` must have the parameter's dtype)."""
+        weight = 1.0 - self._decay()  # formed in float32 (a float32 decay like 0.999 is 1.0 in bfloat16)
         params, avg = dict(model.named_parameters()), dict(self.module.named_parameters())
         if params.keys() != avg.keys():
             raise ValueError("model has different parameters than the one this EMA was built from")
+        weights: dict[torch.dtype, float | torch.Tensor] = {}
         for name, p in params.items():
-            avg[name].lerp_(p.detach().to(avg[name].dtype), weight)
+            q = avg[name]
+            if q.dtype not in weights:
+                weights[q.dtype] = weight.to(q.dtype) if isinstance(weight, torch.Tensor) else weight
+            q.lerp_(p.detach().to(q.dtype), weights[q.dtype])
         for b, b_avg in zip(model.buffers(), self.module.buffers(), strict=True):
             b_avg.copy_(b)
         self.num_updates += 1
