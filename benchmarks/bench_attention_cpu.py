@@ -8,10 +8,14 @@ peak extra memory; the other shapes, causal and bf16 are recorded (``fused_over_
 The backward case times forward + backward through both outputs at (1, 4, 4096, 64) fp32, the fused CPU
 backward against the reference backend (which materialises (Nq, Nk) tensors), with peak memory of each in a
 fresh process, and the backward with only grad_o against the forward. The layout case runs nn.Attention's
-permuted q/k/v and diffusers' transposed ones and counts the copies (profiler events: none).
+permuted q/k/v and diffusers' transposed ones and counts the copies (profiler events: none). The bf16 case
+times both GEMM paths of the bf16 forward against the bf16 SDPA forward (target: at most 4x it where the CPU
+has avx512_bf16).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from benchmarks.bench_attention import _check, _eager, _inputs
 from benchmarks.harness import peak_rss_mb
 from ttfm_kernels import _ext, jvp_attention
+from ttfm_kernels.ops.attention import function
 from ttfm_kernels.testing import assert_close_to_ref
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("jvp_attention_fwd", "CPU"),
@@ -134,3 +139,30 @@ def test_jvp_attention_cpu_strided_layouts(compare, layout: str) -> None:
     res.record("copies.copy_then_call", _copies(lambda: jvp_attention(*(t.contiguous() for t in args),
                                                                       backend="cpu")))
     assert res.extra["copies.strided_fwd_bwd"] == 0
+
+
+def _with_bf16_gemm(mode: int, fn: object) -> object:
+    """``fn`` run with the CPU kernel's bf16 GEMM mode forced (1: bf16 GEMMs, 0: fp32 GEMMs on converted tiles)."""
+    def run() -> object:
+        saved, function._CPU_BF16_GEMM = function._CPU_BF16_GEMM, mode
+        try:
+            return fn()
+        finally:
+            function._CPU_BF16_GEMM = saved
+
+    return run
+
+
+def test_jvp_attention_cpu_bf16_gemm(compare) -> None:
+    shape = (2, 4, 1024, 64)
+    args = _inputs(shape, torch.bfloat16)
+    call = lambda: jvp_attention(*args, backend="cpu")  # noqa: E731
+    res = compare(case="jvp_attention cpu-kernel bf16 GEMM paths B2 H4 N1024 D64 bfloat16",
+                  fns={"bf16_gemm": _with_bf16_gemm(1, call), "fp32_gemm": _with_bf16_gemm(0, call),
+                       "sdpa_forward": lambda: F.scaled_dot_product_attention(*args[:3])},
+                  baseline="fp32_gemm", check=_with_bf16_gemm(1, lambda: _check(args)), rounds=10)
+    forward = res.median("sdpa_forward")
+    res.record("bf16_gemm_over_forward", res.median("bf16_gemm") / forward)
+    res.record("fp32_gemm_over_forward", res.median("fp32_gemm") / forward)
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        assert res.extra["bf16_gemm_over_forward"] <= 4.0

@@ -192,8 +192,10 @@ def adversarial_inputs(n, d, dtype):
     return [t.to(dtype).double() for t in (q, k, v, tq, tk, tv)]  # the exact values the kernel sees
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_adversarial_shared_key_direction_forward_and_backward(dtype, reference_calls):
+@pytest.mark.parametrize(("dtype", "bf16_gemm"), [(torch.float32, -1), (torch.bfloat16, 0), (torch.bfloat16, 1)],
+                         ids=["fp32", "bf16-fp32-gemm", "bf16-bf16-gemm"])
+def test_adversarial_shared_key_direction_forward_and_backward(dtype, bf16_gemm, reference_calls, monkeypatch):
+    monkeypatch.setattr(function, "_CPU_BF16_GEMM", bf16_gemm)
     inputs = adversarial_inputs(70, 16, dtype)
     w = weights(inputs[0], (1, 1, 0))
     q, k, tq, tk = (t[0, 0] for t in (inputs[0], inputs[1], inputs[3], inputs[4]))

@@ -37,36 +37,53 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
 
+// MKL's bf16 x bf16 -> fp32 GEMM (also exported by libtorch_cpu; avx512_bf16 / AMX kernels where the CPU has
+// them). Enum arguments as ints: CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112.
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                                       const c10::BFloat16* a, int lda, const c10::BFloat16* b, int ldb,
+                                       float beta, float* c, int ldc);
+
 namespace ttfm {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using BF16 = c10::BFloat16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
-// Row-major C (m x n, ldc) = A (m x k, lda) * B^T (B: n x k, ldb) + beta * C.
+// Row-major C (m x n, ldc) = alpha * A (m x k, lda) * B^T (B: n x k, ldb) + beta * C.
 void gemm_nt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
-             int ldc) {
-  const float one = 1.0f;
-  sgemm_("T", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+             int ldc, float alpha = 1.0f) {
+  sgemm_("T", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-// Row-major C (m x n, ldc) = A (m x k, lda) * B (k x n, ldb) + beta * C.
+// Row-major C (m x n, ldc) = alpha * A (m x k, lda) * B (k x n, ldb) + beta * C.
 void gemm_nn(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
-             int ldc) {
-  const float one = 1.0f;
-  sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+             int ldc, float alpha = 1.0f) {
+  sgemm_("N", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-// dst[i] = mul * float(src[i]), i < n.
-template <typename T>
-void load_row(float* dst, const T* src, int64_t n, float mul) {
-  if constexpr (std::is_same_v<T, float>) {
+// The same on bf16 operands with an fp32 result (fp32 accumulation).
+void gemm_nt(int m, int n, int k, const BF16* a, int lda, const BF16* b, int ldb, float beta, float* c, int ldc,
+             float alpha = 1.0f) {
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm_nn(int m, int n, int k, const BF16* a, int lda, const BF16* b, int ldb, float beta, float* c, int ldc,
+             float alpha = 1.0f) {
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// dst[i] = mul * src[i], i < n (through float unless both are the same type and mul is 1).
+template <typename T, typename U = float>
+void load_row(U* dst, const T* src, int64_t n, float mul) {
+  if constexpr (std::is_same_v<T, U>) {
     if (mul == 1.0f) {
-      std::memcpy(dst, src, n * sizeof(float));
+      std::memcpy(dst, src, n * sizeof(T));
       return;
     }
   }
-  for (int64_t i = 0; i < n; ++i) dst[i] = mul * static_cast<float>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<U>(mul * static_cast<float>(src[i]));
 }
 
 template <typename T>
@@ -105,20 +122,30 @@ float exp_sum(float* p, int64_t n, float m) {
   return sum;
 }
 
-// In place: e[j] = p[j] * e[j] for j < n, returning the sum.
-float mul_sum(float* e, const float* p, int64_t n) {
+// In place: e[j] = p[j] * (e[j] - shift) for j < n, returning the sum.
+float mul_sum(float* e, const float* p, int64_t n, float shift) {
+  const Vec vs(shift);
   Vec acc(0.0f);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec x = Vec::loadu(p + i) * Vec::loadu(e + i);
+    Vec x = Vec::loadu(p + i) * (Vec::loadu(e + i) - vs);
     x.store(e + i);
     acc = acc + x;
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
   for (; i < n; ++i) {
-    e[i] *= p[i];
+    e[i] = p[i] * (e[i] - shift);
     sum += e[i];
   }
+  return sum;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.0f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
@@ -174,46 +201,60 @@ struct FwdSlices {
   float *lse, *mu;
 };
 
-// The per-thread scratch tiles of one forward work item, carved from one buffer reused across items and calls.
+// One buffer per thread, grown on demand and reused by every later call (no page faults in steady state).
+float* thread_scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(floats);
+  return buffer.data();
+}
+
+// The per-thread scratch tiles of one forward work item, carved from the thread's buffer. U is the GEMM
+// operand type: float, or bf16 for the bf16 GEMMs (then the fp32 GEMM results s are converted into x).
+template <typename U>
 struct FwdScratch {
-  float* qq;     // block_q x 2D:        [scale * tq | scale * q]
-  float* kk;     // block_k x 2D:        [k | tk]
-  float* vv;     // 2 block_k x D:       [v ; tv]
-  float* x;      // block_q x 2 nk:      [P * dS | P] (S and dS are written here by their GEMMs)
+  U* qq;         // block_q x 2D:        [tq | q]
+  U* kk;         // block_k x 2D:        [k | tk]
+  U* vv;         // 2 block_k x D:       [v ; tv]
+  float* s;      // block_q x 2 nk:      [dS | S] from the GEMMs, then [P * (dS - shift) | P] in place
+  U* x;          // the same as GEMM operand (s itself when U is float)
   float* acc_o;  // block_q x D
   float* acc_t;  // block_q x D
   float* m;      // block_q: running max
   float* l;      // block_q: running sum of exp
-  float* mu;     // block_q: running sum of exp * dS
+  float* mu;     // block_q: running sum of exp * (dS - shift)
+  float* shift;  // block_q: the row's P-weighted mean of dS over the first key block
 
-  explicit FwdScratch(const Shape& s) {
-    const int64_t need = s.block_q * 2 * s.dim + s.block_k * 2 * s.dim + 2 * s.block_k * s.dim +
-                         s.block_q * 2 * s.block_k + 2 * s.block_q * s.dim + 3 * s.block_q;
-    float* p = thread_scratch(need);
-    qq = p, p += s.block_q * 2 * s.dim;
-    kk = p, p += s.block_k * 2 * s.dim;
-    vv = p, p += 2 * s.block_k * s.dim;
-    x = p, p += s.block_q * 2 * s.block_k;
-    acc_o = p, p += s.block_q * s.dim;
-    acc_t = p, p += s.block_q * s.dim;
-    m = p, p += s.block_q;
-    l = p, p += s.block_q;
-    mu = p;
-  }
+  static constexpr bool kSame = std::is_same_v<U, float>;
+  // floats holding n values of U
+  static int64_t room(int64_t n) { return (n * static_cast<int64_t>(sizeof(U)) + 3) / 4; }
 
-  // One buffer per thread, grown on demand and reused by every later call (no page faults in steady state).
-  static float* thread_scratch(int64_t floats) {
-    thread_local std::vector<float> buffer;
-    if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(floats);
-    return buffer.data();
+  explicit FwdScratch(const Shape& sh) {
+    const int64_t tile = sh.block_q * 2 * sh.block_k;
+    float* p = thread_scratch(room(sh.block_q * 2 * sh.dim) + 2 * room(sh.block_k * 2 * sh.dim) + tile +
+                              (kSame ? 0 : room(tile)) + 2 * sh.block_q * sh.dim + 4 * sh.block_q);
+    qq = reinterpret_cast<U*>(p), p += room(sh.block_q * 2 * sh.dim);
+    kk = reinterpret_cast<U*>(p), p += room(sh.block_k * 2 * sh.dim);
+    vv = reinterpret_cast<U*>(p), p += room(sh.block_k * 2 * sh.dim);
+    s = p, p += tile;
+    if constexpr (kSame) {
+      x = s;
+    } else {
+      x = reinterpret_cast<U*>(p), p += room(tile);
+    }
+    acc_o = p, p += sh.block_q * sh.dim;
+    acc_t = p, p += sh.block_q * sh.dim;
+    m = p, p += sh.block_q;
+    l = p, p += sh.block_q;
+    mu = p, p += sh.block_q;
+    shift = p;
   }
 };
 
 // Loads rows [r0, r0 + n) of a (N, D) slice, times mul, into dst with row stride ld (nothing if src is absent).
-template <typename T>
-void load_rows(float* dst, int64_t ld, In<T> src, int64_t r0, int64_t n, int64_t dim, float mul) {
+template <typename T, typename U = float>
+void load_rows(U* dst, int64_t ld, In<T> src, int64_t r0, int64_t n, int64_t dim, float mul) {
   if (!src) return;
-  for (int64_t r = 0; r < n; ++r) load_row(dst + r * ld, src[r0 + r], dim, mul);
+  for (int64_t r = 0; r < n; ++r) load_row<T, U>(dst + r * ld, src[r0 + r], dim, mul);
 }
 
 // Rows of the causal (top-left) mask: row i sees keys j <= i; returns how many of the nk keys from k0 it sees.
@@ -222,15 +263,19 @@ int64_t visible(const Shape& s, int64_t row, int64_t k0, int64_t nk) {
 }
 
 // One forward work item: query rows [q0, q0 + bq) of one (batch, head) slice.
-template <typename T>
-void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdScratch& w) {
+//
+// The score tangent is accumulated shifted by a per-row constant (its P-weighted mean over the first key
+// block): sum_j P (dS - c) v / l - (mu - c) o equals the unshifted t_o for any c, and the shift removes a large
+// row-constant part of dS (keys sharing a mean direction) before it is rounded (to bf16 as a GEMM operand).
+template <typename T, typename U>
+void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdScratch<U>& w) {
   const int64_t dim = s.dim, dim2 = 2 * s.dim;
   const int64_t bq = std::min(s.block_q, s.n_q - q0);
   const bool has_ds = in.tq || in.tk;
   // Columns [lo, hi) of qq and kk that form dS (an absent tangent's half is skipped).
   const int64_t ds_lo = in.tq ? 0 : dim, ds_hi = in.tk ? dim2 : dim;
-  load_rows<T>(w.qq, dim2, in.tq, q0, bq, dim, s.scale);
-  load_rows<T>(w.qq + dim, dim2, in.q, q0, bq, dim, s.scale);
+  load_rows<T, U>(w.qq, dim2, in.tq, q0, bq, dim, 1.0f);
+  load_rows<T, U>(w.qq + dim, dim2, in.q, q0, bq, dim, 1.0f);
   std::fill(w.m, w.m + bq, kNegInf);
   std::fill(w.l, w.l + bq, 0.0f);
   std::fill(w.mu, w.mu + bq, 0.0f);
@@ -241,16 +286,16 @@ void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdS
   const int64_t k_end = s.causal ? std::min(s.n_k, q0 + bq) : s.n_k;
   for (int64_t k0 = 0; k0 < k_end; k0 += s.block_k) {
     const int64_t nk = std::min(s.block_k, k_end - k0), nk2 = 2 * nk;
-    load_rows<T>(w.kk, dim2, in.k, k0, nk, dim, 1.0f);
-    load_rows<T>(w.kk + dim, dim2, in.tk, k0, nk, dim, 1.0f);
-    load_rows<T>(w.vv, dim, in.v, k0, nk, dim, 1.0f);
-    load_rows<T>(w.vv + nk * dim, dim, in.tv, k0, nk, dim, 1.0f);
-    float* p = w.x + nk;  // P block (row stride nk2); E = P * dS lives at w.x
-    gemm_nt(bq, nk, dim, w.qq + dim, dim2, w.kk, dim2, 0.0f, p, nk2);
-    if (has_ds) gemm_nt(bq, nk, ds_hi - ds_lo, w.qq + ds_lo, dim2, w.kk + ds_lo, dim2, 0.0f, w.x, nk2);
+    load_rows<T, U>(w.kk, dim2, in.k, k0, nk, dim, 1.0f);
+    load_rows<T, U>(w.kk + dim, dim2, in.tk, k0, nk, dim, 1.0f);
+    load_rows<T, U>(w.vv, dim, in.v, k0, nk, dim, 1.0f);
+    load_rows<T, U>(w.vv + nk * dim, dim, in.tv, k0, nk, dim, 1.0f);
+    float* p = w.s + nk;  // P block (row stride nk2); E = P * (dS - shift) lives at w.s
+    gemm_nt(bq, nk, dim, w.qq + dim, dim2, w.kk, dim2, 0.0f, p, nk2, s.scale);
+    if (has_ds) gemm_nt(bq, nk, ds_hi - ds_lo, w.qq + ds_lo, dim2, w.kk + ds_lo, dim2, 0.0f, w.s, nk2, s.scale);
     for (int64_t r = 0; r < bq; ++r) {
       float* p_row = p + r * nk2;
-      float* e_row = w.x + r * nk2;
+      float* e_row = w.s + r * nk2;
       const int64_t valid = visible(s, q0 + r, k0, nk);
       const float m_new = std::max(w.m[r], row_max(p_row, valid));
       // m_new is finite: the first key block always holds key 0, which every row sees.
@@ -259,7 +304,8 @@ void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdS
       std::fill(p_row + valid, p_row + nk, 0.0f);
       float sum_e = 0.0f;
       if (has_ds) {
-        sum_e = mul_sum(e_row, p_row, valid);
+        if (k0 == 0) w.shift[r] = dot(p_row, e_row, valid) / sum_p;
+        sum_e = mul_sum(e_row, p_row, valid, w.shift[r]);
         std::fill(e_row + valid, e_row + nk, 0.0f);
       }
       if (alpha != 1.0f) {
@@ -269,8 +315,9 @@ void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdS
       w.m[r] = m_new;
       w.l[r] = alpha * w.l[r] + sum_p;
       w.mu[r] = alpha * w.mu[r] + sum_e;
+      if constexpr (!FwdScratch<U>::kSame) at::vec::convert(e_row, w.x + r * nk2, nk2);
     }
-    gemm_nn(bq, dim, nk, p, nk2, w.vv, dim, 1.0f, w.acc_o, dim);
+    gemm_nn(bq, dim, nk, w.x + nk, nk2, w.vv, dim, 1.0f, w.acc_o, dim);
     // Rows [lo, hi) of [v ; tv] against columns [lo, hi) of [P * dS | P].
     const int64_t t_lo = has_ds ? 0 : nk, t_hi = in.tv ? nk2 : nk;
     if (t_hi > t_lo) gemm_nn(bq, dim, t_hi - t_lo, w.x + t_lo, nk2, w.vv + t_lo * dim, dim, 1.0f, w.acc_t, dim);
@@ -278,7 +325,7 @@ void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdS
 
   for (int64_t r = 0; r < bq; ++r) {
     const float inv_l = 1.0f / w.l[r];
-    const float mu = w.mu[r] * inv_l;
+    const float mu = w.mu[r] * inv_l;  // the mean of dS - shift
     float* o_row = w.acc_o + r * dim;
     float* t_row = w.acc_t + r * dim;
     for (int64_t d = 0; d < dim; ++d) {
@@ -288,11 +335,11 @@ void attend_query_block(const Shape& s, const FwdSlices<T>& in, int64_t q0, FwdS
     store_row(in.o[q0 + r], o_row, dim);
     store_row(in.t_o[q0 + r], t_row, dim);
     in.lse[q0 + r] = w.m[r] + std::log(w.l[r]);
-    in.mu[q0 + r] = mu;
+    in.mu[q0 + r] = has_ds ? w.shift[r] + mu : 0.0f;
   }
 }
 
-template <typename T>
+template <typename T, typename U>
 void jvp_attention_fwd_impl(const Shape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
                             const std::optional<at::Tensor>& tv, at::Tensor& o, at::Tensor& t_o,
@@ -302,13 +349,13 @@ void jvp_attention_fwd_impl(const Shape& s, const at::Tensor& q, const at::Tenso
   float *lsep = lse.mutable_data_ptr<float>(), *mup = mu.mutable_data_ptr<float>();
   const int64_t q_blocks = (s.n_q + s.block_q - 1) / s.block_q, h = s.heads;
   at::parallel_for(0, s.batch * h * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    FwdScratch w(s);
+    FwdScratch<U> w(s);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / q_blocks, qb = item % q_blocks;
       const FwdSlices<T> in{sq.slice(bh, h),  sk.slice(bh, h),  sv.slice(bh, h),  stq.slice(bh, h),
                             stk.slice(bh, h), stv.slice(bh, h), so.slice(bh, h),  sto.slice(bh, h),
                             lsep + bh * s.n_q, mup + bh * s.n_q};
-      attend_query_block<T>(s, in, qb * s.block_q, w);
+      attend_query_block<T, U>(s, in, qb * s.block_q, w);
     }
   });
 }
@@ -348,7 +395,7 @@ struct BwdScratch {
 
   explicit BwdScratch(const Shape& s) {
     const int64_t tile = s.block_q * s.block_k, nkd = s.n_k * s.dim;
-    float* x = FwdScratch::thread_scratch(6 * s.block_q * s.dim + 4 * s.block_k * s.dim + 4 * tile +
+    float* x = thread_scratch(6 * s.block_q * s.dim + 4 * s.block_k * s.dim + 4 * tile +
                                            4 * s.block_q + 4 * nkd);
     qq = x, x += 2 * s.block_q * s.dim;
     gh = x, x += 2 * s.block_q * s.dim;
@@ -367,15 +414,6 @@ struct BwdScratch {
     dtv = x;
   }
 };
-
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // Which products of the backward run (absent inputs remove theirs; docs/math.md "Backward of the attention JVP").
 struct BwdTerms {
@@ -579,17 +617,32 @@ Shape make_shape(const char* op, const at::Tensor& q, const at::Tensor& k, bool 
   return s;
 }
 
+// Whether bf16 GEMMs run natively (avx512_bf16 dot products; MKL also uses AMX where present). Without it
+// MKL's bf16 GEMM is emulated and slower than converting the tiles to fp32, which the kernel then does.
+bool cpu_has_bf16_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 void jvp_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
                            const std::optional<at::Tensor>& tv, bool causal, double scale, at::Tensor& o,
-                           at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k) {
+                           at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k,
+                           int64_t bf16_gemm) {
   check_fwd(q, k, v, tq, tk, tv, o, t_o, lse, mu);
   const Shape s = make_shape("ttfm::jvp_attention_fwd", q, k, causal, scale, block_q, block_k, 64, 512);
   if (lse.numel() == 0) return;  // no query rows
+  TORCH_CHECK(bf16_gemm >= -1 && bf16_gemm <= 1, "ttfm::jvp_attention_fwd: bf16_gemm must be -1 (auto), 0 or 1");
   if (q.scalar_type() == at::kFloat) {
-    jvp_attention_fwd_impl<float>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
+    jvp_attention_fwd_impl<float, float>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
+  } else if (bf16_gemm == 1 || (bf16_gemm == -1 && cpu_has_bf16_dot())) {
+    jvp_attention_fwd_impl<BF16, BF16>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
   } else {
-    jvp_attention_fwd_impl<c10::BFloat16>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
+    jvp_attention_fwd_impl<BF16, float>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
   }
 }
 
@@ -597,7 +650,8 @@ void jvp_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
 void jvp_attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
                             const std::optional<at::Tensor>& tv, bool causal, double scale, at::Tensor& o,
-                            at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k) {
+                            at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k,
+                            int64_t bf16_gemm) {
   check_fwd(q, k, v, tq, tk, tv, o, t_o, lse, mu);
 }
 
@@ -672,9 +726,11 @@ void jvp_attention_bwd_meta(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(ttfm, m) {
   // block_q / block_k: tile sizes (0 = the kernel's default); tests force several key blocks with them.
   // mu: the per-row mean of the score tangent under P (the backward's second row statistic after lse).
+  // bf16_gemm (bf16 inputs): 1 = bf16 GEMMs with fp32 accumulation, 0 = fp32 GEMMs on converted tiles,
+  // -1 = 1 where the CPU has avx512_bf16 (tests force both).
   m.def("jvp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, bool causal, "
         "float scale, Tensor(a!) o, Tensor(b!) t_o, Tensor(c!) lse, Tensor(d!) mu, int block_q=0, "
-        "int block_k=0) -> ()");
+        "int block_k=0, int bf16_gemm=-1) -> ()");
   // Gradients w.r.t. q, k, v and the present tangents from grad_o / grad_t_o / grad_lse (each optional),
   // by recomputation from lse and mu (docs/math.md "Backward of the attention JVP").
   m.def("jvp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor o, "

@@ -38,6 +38,9 @@ _BACKENDS = OpBackends("jvp_attention", {
 #: (block_q, block_k) tiles of the CPU kernel, 0 = its default. Tests shrink them so that small shapes run
 #: several query and key blocks (the online rescaling); the results do not depend on them otherwise.
 _CPU_TILES = (0, 0)
+#: bf16 inputs on the CPU kernel's forward: 1 = bf16 GEMMs with fp32 accumulation, 0 = fp32 GEMMs on converted
+#: tiles, -1 = 1 where the CPU has avx512_bf16 (tests force both paths).
+_CPU_BF16_GEMM = -1
 _LAYOUT = "(B, H, N, D)"
 _ORIGINAL_SDPA = F.scaled_dot_product_attention  # captured at import, so patch_sdpa() cannot recurse into itself
 Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
@@ -94,7 +97,8 @@ def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if name == "cpu":
         mu = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         q, k, v, tq, tk, tv = (_unit_last(t) for t in (q, k, v, *tangents))
-        torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, *_CPU_TILES)
+        torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, *_CPU_TILES,
+                                         _CPU_BF16_GEMM)
         return o, t_o, lse, mu
     from ttfm_kernels.ops.attention.triton import jvp_attention_fwd_triton
 
