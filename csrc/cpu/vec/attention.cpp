@@ -3,12 +3,14 @@
 // Work items are (batch, head, query block), spread over threads with at::parallel_for. Each item walks the
 // key blocks once with an online softmax (running max m, sum l), keeping its accumulators in a per-thread
 // scratch area that is reused across items and calls (nothing is allocated inside the tile loop, nothing is
-// Nq x Nk). Per key block the six matmul-shaped products run as four sgemm calls on fp32 tiles:
-//   S    = Qc K^T                      Qc = scale * q
-//   dS   = [tQc | Qc] [K | tK]^T        inner dim 2D (the columns of an absent tangent are skipped)
+// Nq x Nk). Per key block the six matmul-shaped products run as four GEMM calls:
+//   S    = scale Q K^T                 (scale as the GEMM's alpha)
+//   dS   = scale [tQ | Q] [K | tK]^T    inner dim 2D (the columns of an absent tangent are skipped)
 //   acc_o += P V
-//   acc_t += [P*dS | P] [V ; tV]        inner dim 2 * block (the rows of an absent tangent are skipped)
-// with P = exp(S - m) unnormalised. bf16 inputs are converted to fp32 tiles; accumulation is fp32 throughout.
+//   acc_t += [P*(dS - c) | P] [V ; tV]  inner dim 2 * block (the rows of an absent tangent are skipped)
+// with P = exp(S - m) unnormalised and c a per-row shift (docs/math.md). fp32 inputs run MKL sgemm_ on fp32
+// tiles; bf16 inputs run MKL's bf16 x bf16 -> fp32 GEMM on bf16 tiles where the CPU has avx512_bf16, else
+// sgemm_ on tiles converted to fp32. Accumulation and the softmax statistics are fp32 throughout.
 // It also writes lse and mu (the per-row mean of the score tangent under P), all the backward needs.
 //
 // The backward (ttfm::jvp_attention_bwd, docs/math.md "Backward of the attention JVP") recomputes P, ds and
@@ -584,18 +586,25 @@ struct Checker {
   }
 };
 
+// The forward's tensors (the backward's inputs too): shapes, dtypes, unit last strides.
+void check_fwd_tensors(const Checker& c, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
+                       const std::optional<at::Tensor>& tv, const at::Tensor& o, const at::Tensor& t_o,
+                       const at::Tensor& lse, const at::Tensor& mu) {
+  c.qkv(k, v);
+  c.like(tq, "tq", c.q);
+  c.like(tk, "tk", k);
+  c.like(tv, "tv", k);
+  c.like(o, "o", c.q);
+  c.like(t_o, "t_o", c.q);
+  c.rows(lse, "lse");
+  c.rows(mu, "mu");
+}
+
 void check_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
                const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv, const at::Tensor& o,
                const at::Tensor& t_o, const at::Tensor& lse, const at::Tensor& mu) {
-  const Checker c{"ttfm::jvp_attention_fwd", q};
-  c.qkv(k, v);
-  c.like(tq, "tq", q);
-  c.like(tk, "tk", k);
-  c.like(tv, "tv", k);
-  c.like(o, "o", q);
-  c.like(t_o, "t_o", q);
-  c.rows(lse, "lse");
-  c.rows(mu, "mu");
+  check_fwd_tensors(Checker{"ttfm::jvp_attention_fwd", q}, k, v, tq, tk, tv, o, t_o, lse, mu);
 }
 
 // Default tiles: 64 query rows (enough work items to keep every thread busy) by up to 512 keys.
@@ -664,14 +673,7 @@ void check_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                const at::Tensor& dv, const std::optional<at::Tensor>& dtq, const std::optional<at::Tensor>& dtk,
                const std::optional<at::Tensor>& dtv) {
   const Checker c{"ttfm::jvp_attention_bwd", q};
-  c.qkv(k, v);
-  c.like(tq, "tq", q);
-  c.like(tk, "tk", k);
-  c.like(tv, "tv", k);
-  c.like(o, "o", q);
-  c.like(t_o, "t_o", q);
-  c.rows(lse, "lse");
-  c.rows(mu, "mu");
+  check_fwd_tensors(c, k, v, tq, tk, tv, o, t_o, lse, mu);
   c.like(g_o, "g_o", q);
   c.like(g_t_o, "g_t_o", q);
   if (g_lse.has_value()) c.rows(*g_lse, "g_lse");
