@@ -2,9 +2,13 @@
 
 ``jvp_attention`` (explicit tangents in, tangents out) and ``attention`` (a forward-AD-aware drop-in for
 ``F.scaled_dot_product_attention``) share one autograd function: its forward runs ONE fused pass that writes
-o, t_o and lse; its backward recomputes with the explicit formula (``reference.py``), so gradients through the
-tangent are exact (LFMD needs them). Backends: "reference", "cpu" (``csrc/cpu/vec/attention.cpp``, private op
-``ttfm::jvp_attention_fwd``) and "triton" (``triton.py``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+o, t_o and lse; its backward gives exact gradients through both outputs (LFMD needs them). On the "cpu"
+backend the backward is the fused O(N)-memory kernel ``ttfm::jvp_attention_bwd`` (recomputation from lse and
+mu, docs/math.md "Backward of the attention JVP"); it falls back to recomputing the explicit formula
+(``reference.py``, which materialises (Nq, Nk)) for the other backends and for double backward
+(``create_graph=True``: the fused backward is not itself differentiable). Backends: "reference", "cpu"
+(``csrc/cpu/vec/attention.cpp``, private ops ``ttfm::jvp_attention_fwd`` / ``_bwd``; any strides with a unit
+last stride) and "triton" (``triton.py``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _BACKENDS = OpBackends("jvp_attention", {
 #: (block_q, block_k) tiles of the CPU kernel, 0 = its default. Tests shrink them so that small shapes run
 #: several query and key blocks (the online rescaling); the results do not depend on them otherwise.
 _CPU_TILES = (0, 0)
+#: bf16 inputs on the CPU kernel's forward: 1 = bf16 GEMMs with fp32 accumulation, 0 = fp32 GEMMs on converted
+#: tiles, -1 = 1 where the CPU has avx512_bf16 (tests force both paths).
+_CPU_BF16_GEMM = -1
 _LAYOUT = "(B, H, N, D)"
 _ORIGINAL_SDPA = F.scaled_dot_product_attention  # captured at import, so patch_sdpa() cannot recurse into itself
 Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
@@ -72,51 +79,92 @@ def _select(backend: str, q: torch.Tensor) -> str:
     return name
 
 
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when the CPU kernels can read it through its strides (unit last stride), else a copy."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tangents: Tangents,
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of backend ``name``: (o, t_o, lse) with o, t_o like q and lse (B, H, Nq) float32."""
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass of backend ``name``: (o, t_o, lse, mu) with o, t_o like q (contiguous) and lse (B, H, Nq) float32;
+    mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" backend only (None
+    otherwise), for its fused backward."""
     if name == "reference":
         o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
-        return o, t_o, lse.float()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    tq, tk, tv = (None if t is None else t.contiguous() for t in tangents)
+        return o, t_o, lse.float(), None
     o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if name == "cpu":
-        torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, *_CPU_TILES)
-    else:
-        from ttfm_kernels.ops.attention.triton import jvp_attention_fwd_triton
+        mu = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        q, k, v, tq, tk, tv = (_unit_last(t) for t in (q, k, v, *tangents))
+        torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, *_CPU_TILES,
+                                         _CPU_BF16_GEMM)
+        return o, t_o, lse, mu
+    from ttfm_kernels.ops.attention.triton import jvp_attention_fwd_triton
 
-        jvp_attention_fwd_triton(q, k, v, tq, tk, tv, o, t_o, lse, causal=causal, scale=scale)
-    return o, t_o, lse
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    tq, tk, tv = (None if t is None else t.contiguous() for t in tangents)
+    jvp_attention_fwd_triton(q, k, v, tq, tk, tv, o, t_o, lse, causal=causal, scale=scale)
+    return o, t_o, lse, None
+
+
+def _cpu_backward(saved: tuple, grads: Tangents, causal: bool, scale: float) -> list[torch.Tensor | None]:
+    """Gradients (q, k, v, tq, tk, tv) from the fused CPU backward; None for an absent tangent.
+
+    ``saved``: (q, k, v, tq, tk, tv, o, t_o, lse, mu) of the forward; ``grads``: (g_o, g_t_o, g_lse), any None.
+    Eager equivalent: ``torch.autograd.grad`` through ``jvp_attention_reference``, without its (Nq, Nk) tensors.
+    """
+    q, k, v, tq, tk, tv, o, t_o, lse, mu = saved
+    g_o, g_t_o, g_lse = grads
+    outs = [None if t is None else _alloc.empty_like(t) for t in (q, k, v, tq, tk, tv)]
+    g_lse = None if g_lse is None else g_lse.float().contiguous()
+    torch.ops.ttfm.jvp_attention_bwd(*(_unit_last(t) for t in (q, k, v, tq, tk, tv)), o, t_o, lse, mu,
+                                     _unit_last(g_o), _unit_last(g_t_o), g_lse, causal, scale, *outs, *_CPU_TILES)
+    return outs
 
 
 class _JvpAttentionFn(torch.autograd.Function):
-    """(q, k, v, tq, tk, tv) -> (o, t_o, lse) in one fused pass; backward recomputes the explicit formula."""
+    """(q, k, v, tq, tk, tv) -> (o, t_o, lse, mu) in one fused pass (mu: the "cpu" backend's backward statistic,
+    not differentiable, None on the others); backward: the fused CPU kernel or the explicit formula."""
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
                 tk: torch.Tensor | None, tv: torch.Tensor | None, causal: bool, scale: float,
-                name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return _fused_forward(name, q, k, v, (tq, tk, tv), causal, scale)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         q, k, v, tq, tk, tv, causal, scale, _ = inputs
-        ctx.save_for_backward(q, k, v, tq, tk, tv)
-        ctx.causal, ctx.scale = causal, scale
+        o, t_o, lse, mu = output
+        fused = mu is not None
+        ctx.save_for_backward(q, k, v, tq, tk, tv, *((o, t_o, lse, mu) if fused else ()))
+        if fused:
+            ctx.mark_non_differentiable(mu)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None and its products are skipped
+        ctx.causal, ctx.scale, ctx.fused = causal, scale, fused
 
     @staticmethod
     def backward(ctx: Any, g_o: torch.Tensor | None, g_t_o: torch.Tensor | None,
-                 g_lse: torch.Tensor | None) -> tuple:
+                 g_lse: torch.Tensor | None, _g_mu: None) -> tuple:
         grads: list[torch.Tensor | None] = [None] * 9
-        wanted = [i for i, t in enumerate(ctx.saved_tensors) if t is not None and ctx.needs_input_grad[i]]
+        saved = ctx.saved_tensors
+        wanted = [i for i, t in enumerate(saved[:6]) if t is not None and ctx.needs_input_grad[i]]
+        if not wanted or (g_o is None and g_t_o is None and g_lse is None):
+            return tuple(grads)
         create_graph = torch.is_grad_enabled()  # double backward: keep the saved inputs' own graph
+        if ctx.fused and not create_graph:
+            found = _cpu_backward(saved, (g_o, g_t_o, g_lse), ctx.causal, ctx.scale)
+            for i in wanted:
+                grads[i] = found[i]
+            return tuple(grads)
         with torch.enable_grad():
             leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
-                      for i, t in enumerate(ctx.saved_tensors)]
+                      for i, t in enumerate(saved[:6])]
             outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
-        pairs = [(out, g) for out, g in zip(outs, (g_o, g_t_o, g_lse), strict=True) if g is not None]
+        # t_o without any tangent is a constant zero (no graph): it contributes nothing.
+        pairs = [(out, g) for out, g in zip(outs, (g_o, g_t_o, g_lse), strict=True)
+                 if g is not None and out.requires_grad]
         if wanted and pairs:
             outs, gs = zip(*pairs, strict=True)
             found = torch.autograd.grad(outs, [leaves[i] for i in wanted], gs, allow_unused=True,
@@ -140,13 +188,13 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     products are skipped). float64/32/16 and bfloat16; accumulation in float32 (float64 on the reference).
     ``scale`` defaults to 1/sqrt(D); ``causal`` masks key j > query i (top-left, like SDPA's is_causal).
     Returns (o, t_o), or (o, t_o, lse) with lse = logsumexp of the scaled scores, (B, H, Nq) float32.
-    Every output is differentiable in every input (backward recomputes the explicit formula).
+    Every output is differentiable in every input (on "cpu" by the fused O(N)-memory backward).
     Eager equivalent: ``torch.func.jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale), (q, k, v), (tq, tk, tv))`` with zeros for absent tangents.
     """
     _validate(q, k, v, tq, tk, tv)
     name = _select(backend, q)
-    o, t_o, lse = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
+    o, t_o, lse, _ = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
     return (o, t_o, lse) if return_lse else (o, t_o)
 
 
@@ -170,7 +218,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
             return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
     _validate(qp, kp, vp, tq, tk, tv)
     name = _select(backend, qp)
-    o, t_o, _ = _JvpAttentionFn.apply(qp, kp, vp, tq, tk, tv, causal, _scale(scale, qp.shape[-1]), name)
+    o, t_o, _, _ = _JvpAttentionFn.apply(qp, kp, vp, tq, tk, tv, causal, _scale(scale, qp.shape[-1]), name)
     return fwAD.make_dual(o, t_o)
 
 
