@@ -1,4 +1,4 @@
-"""The distillation losses (MATH.md sections 2-3), each a thin composition of flow/, jvp and the residual ops.
+"""The distillation losses (docs/math.md sections 2-3), each a thin composition of flow/, jvp and the residual ops.
 
 Every loss returns ``(loss, stats)`` and takes the common arguments: ``cond`` (keyword arguments for every model
 call), ``x0`` / ``s`` / ``t`` overrides (default: x0 ~ N(0, sigma^2 I), times from ``time_sampler``), ``sigma``

@@ -1,5 +1,5 @@
 """Argument handling shared by every loss: validation, sigma, noise and time sampling, conditioning batching,
-and the per-sample squared error with weights and reduction (MATH.md section 1)."""
+and the per-sample squared error with weights and reduction (docs/math.md section 1)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def repeat_cond(cond: Mapping[str, object], batch: int, n: int) -> dict[str, obj
 
 
 def squared_error(r: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """The per-sample squared error of MATH.md section 1: l_b = mean over non-batch dims of r^2, then weighted
+    """The per-sample squared error of docs/math.md section 1: l_b = mean over non-batch dims of r^2, then weighted
     and reduced ("mean", "sum", "none"). Accumulates in at least float32."""
     acc = torch.promote_types(r.dtype, torch.float32)
     l_b = r.to(acc).reshape(r.shape[0], -1).square().mean(dim=1)
