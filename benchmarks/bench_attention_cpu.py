@@ -2,9 +2,9 @@
 by side with torch.func.jvp over math SDPA (the eager way, the baseline) and the plain SDPA forward (the
 floor is about 3x the forward's time: 6 matmul-shaped products instead of 2).
 
-The gated case is (2, 4, 1024, 64) fp32: at least 3.5x faster than eager, and at most a quarter of eager's
-peak extra memory; the other shapes, causal and bf16 are recorded (``fused_over_forward`` = fused / forward).
-
+The gated case is (2, 4, 1024, 64) fp32: its speedup over eager is asserted above a floor set below the
+recorded runs (docs/performance.md), its goal recorded, and its peak extra memory at most a quarter of eager's;
+the other shapes, causal and bf16 are recorded (``fused_over_forward`` = fused / forward).
 The backward case times forward + backward through both outputs at (1, 4, 4096, 64) fp32, the fused CPU
 backward against the reference backend (which materialises (Nq, Nk) tensors), with peak memory of each in a
 fresh process, and the backward with only grad_o against the forward. The layout case runs nn.Attention's
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.skipif(not _ext.has_kernel("jvp_attention_fwd", "CPU"),
                                 reason="ttfm_kernels._C_vec (the AVX2 CPU kernels) is not loaded")
 
 GATED = ((2, 4, 1024, 64), "float32", False)
+#: The gated case's asserted floor (below every recorded run, with margin) and its goal (recorded, not asserted).
+FLOOR_SPEEDUP, GOAL_SPEEDUP = 3.5, 5.0
 # (B, H, N, D), dtype, causal, rounds: eager at N = 4096 materializes 512 MB per (N, N) matrix and takes seconds.
 CASES = [
     (*GATED, 10),
@@ -67,7 +69,7 @@ def test_jvp_attention_cpu_kernel(compare, shape: tuple[int, ...], dtype: str, c
     for method in ("eager", "fused"):
         res.record(f"peak_rss_mb.{method}", peak_rss_mb("benchmarks.bench_attention_cpu:make_fn", method=method,
                                                         shape=list(shape), dtype=dtype))
-    assert res.speedup("fused") >= 3.5
+    res.check_speedup("fused", floor=FLOOR_SPEEDUP, goal=GOAL_SPEEDUP)
     assert res.extra["peak_rss_mb.fused"] <= res.extra["peak_rss_mb.eager"] / 4
 
 

@@ -17,11 +17,14 @@ from ttfm_kernels import jvp_norm_modulate_silu
 from ttfm_kernels import nn as tnn
 from ttfm_kernels.testing import assert_close_to_ref
 
-# (label, num_groups, shape): the two block types of the issue, CPU fp32.
+# (label, num_groups, shape): the U-Net block (GroupNorm + FiLM) and the DiT block (LayerNorm + adaLN), CPU fp32.
 CASES = [
     ("GN32 FiLM SiLU B8 C128 32x32", 32, (8, 128, 32, 32)),
     ("LN adaLN SiLU B8 N256 C384", None, (8, 256, 384)),
 ]
+#: Asserted floor of the fused JVP's speedup over eager (below every recorded run, with margin:
+#: docs/performance.md) and its goal (recorded, not asserted).
+FLOOR_SPEEDUP, GOAL_SPEEDUP = 4.0, 6.0
 
 
 def _inputs(num_groups: int | None, shape: tuple[int, ...]):
@@ -63,7 +66,7 @@ def test_jvp_norm_modulate_silu_cpu(compare, label: str, num_groups: int | None,
 
     res = compare(case=f"jvp_norm_modulate_silu cpu {label} fp32", fns={"eager": eager, "fused": fused},
                   baseline="eager", check=check, rounds=20)
-    assert res.speedup("fused") >= 4.0
+    res.check_speedup("fused", floor=FLOOR_SPEEDUP, goal=GOAL_SPEEDUP)
 
 
 def test_conv2d_stacked_tangent_cpu(compare) -> None:

@@ -29,6 +29,9 @@ CASES = [
 IDS = [c[0].split()[0] for c in CASES]
 # A whole fp32 network against another fp32 evaluation order: roundoff compounds layer after layer.
 NETWORK_SCALE = 20.0
+#: Asserted floor of the student jvp_t's speedup over torch.func.jvp on the eager twin, below every recorded run
+#: with margin (docs/performance.md).
+STUDENT_JVP_FLOOR = 0.9
 
 
 def _trained(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,8 +75,8 @@ def test_itvm_step_cpu(compare, label, teacher_cls, student_cls, batch) -> None:
                                                                "fused": lambda: step("auto")},
                   baseline="reference", check=check, rounds=5)
     # Only the EMA JVP and the no-grad forwards differ between the two; the student's forward and backward (most
-    # of the step) are the same ops. Measured at about 1.1x with one thread: the floor only catches a slowdown.
-    assert res.speedup("fused") >= 0.75
+    # of the step) are the same ops, so the ratio stays near 1 and the floor only catches a slowdown.
+    res.check_speedup("fused", floor=0.75, goal=1.0)
 
 
 @pytest.mark.parametrize(("label", "teacher_cls", "student_cls", "batch"), CASES, ids=IDS)
@@ -98,4 +101,4 @@ def test_student_jvp_cpu(compare, label, teacher_cls, student_cls, batch) -> Non
 
     res = compare(case=f"student jvp_t cpu {label} fp32", fns={"eager": eager, "fused": fused},
                   baseline="eager", check=check, rounds=5)
-    assert res.speedup("fused") >= 1.0
+    res.check_speedup("fused", floor=STUDENT_JVP_FLOOR)

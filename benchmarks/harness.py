@@ -71,6 +71,20 @@ class Comparison:
         """Store another measurement of this case (e.g. ``peak_rss_mb.fused``) in the JSON and the printout."""
         self.extra[key] = value
 
+    def check_speedup(self, name: str, *, floor: float, goal: float | None = None) -> None:
+        """Assert ``speedup(name) >= floor``; record the floor and, when given, the goal and whether it was met.
+
+        The floor is a regression check set with margin below the worst run recorded (docs/performance.md), so a
+        healthy build passes; the goal (what the op aims for) is printed and stored in the JSON, not asserted.
+        """
+        speedup = self.speedup(name)
+        self.record(f"floor_speedup.{name}", floor)
+        if goal is not None:
+            self.record(f"goal_speedup.{name}", goal)
+            self.record(f"meets_goal.{name}", speedup >= goal)
+        assert speedup >= floor, (f"{self.case}: {name} runs {speedup:.2f}x the {self.baseline!r} baseline, below "
+                                  f"its floor of {floor}x")
+
     def summary(self) -> dict[str, Any]:
         """The ``SUMMARY_KEYS`` of the JSON's ``extra_info``: medians and minima (seconds), speedups, rounds."""
         return {
@@ -93,7 +107,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        # Above the core count, threads wait on descheduled peers: a 2-thread eager op ran 5x slower at load 8.
+        # Above the core count, threads wait on descheduled peers and ratios drift (docs/performance.md).
         "loadavg_1m": os.getloadavg()[0],
     }
     try:

@@ -1,5 +1,5 @@
 """Forward-mode derivatives of a two-time model u(x, s, t): ``jvp_t`` (tangent (0, 0, 1)) and ``jvp_sx``
-(tangent (v, 1, 0)), MATH.md sections 1-3.
+(tangent (v, 1, 0)), docs/math.md sections 1-3.
 
 A model that defines ``forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond) -> (u, du)`` (an explicit
 tangent pass through fused ops) is used as is; any other model goes through ``torch.func.jvp`` over its

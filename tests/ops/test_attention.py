@@ -1,7 +1,7 @@
 """jvp_attention / attention / patch_sdpa: parity with torch.func.jvp over math SDPA, autograd, bad input.
 
 The parity suite runs for every backend; one that cannot run here is skipped with its reason. Shapes are few
-and small (the Triton interpreter costs ~10 ms per key block); N > 64 gives the interpreter's Triton
+and small (the Triton interpreter is slow per program and key block); N > 64 gives the interpreter's Triton
 configuration (BLOCK_N = 32) at least 3 key blocks per row, so the online rescaling runs.
 """
 

@@ -1,7 +1,7 @@
 """Conv2d and Linear whose forward-mode tangent is ONE call on primal and tangent stacked along the batch dim.
 
 Both layers are linear in their input, so with weights that carry no tangent (always true in ``jvp_t`` and
-``jvp_sx``) the tangent is the same op, without bias, on the tangent (MATH.md section 6). torch's own
+``jvp_sx``) the tangent is the same op, without bias, on the tangent (docs/math.md section 6). torch's own
 forward-AD rule runs the op twice; here the primal and the tangent share one call. Drop-in subclasses of
 torch's modules: same constructor arguments, same state_dict keys. The result stays differentiable end to end
 (gradients through the tangent included). A weight that does carry a tangent falls back to torch's own rule.

@@ -1,4 +1,4 @@
-// CPU kernel of the fused attention JVP (MATH.md section 5): o, t_o and lse in one pass over key blocks.
+// CPU kernel of the fused attention JVP (docs/math.md section 5): o, t_o and lse in one pass over key blocks.
 //
 // Work items are (batch, head, query block), spread over threads with at::parallel_for. Each item walks the
 // key blocks once with an online softmax (running max m, sum l), keeping its accumulators in a per-thread

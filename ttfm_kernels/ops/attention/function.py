@@ -23,13 +23,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from ttfm_kernels import _alloc
-from ttfm_kernels._checks import check_float, check_like, check_rank
+from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_rank
 from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
 __all__ = ["attention", "jvp_attention", "patch_sdpa"]
 
-_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = OpBackends("jvp_attention", {
     "reference": always,
     "cpu": ext_kernel("jvp_attention_fwd", "CPU", (torch.float32, torch.bfloat16)),
@@ -49,7 +48,7 @@ Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | N
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
               tk: torch.Tensor | None, tv: torch.Tensor | None) -> None:
     """Raise a clear error naming the argument unless the shapes, dtypes and devices fit together."""
-    check_float("q", q, _FLOAT)
+    check_float("q", q, FLOAT_DTYPES)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(name, t, 4, _LAYOUT)
     check_like("k", k, "q", q, shape=False)
@@ -182,7 +181,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
                   tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, causal: bool = False,
                   scale: float | None = None, return_lse: bool = False,
                   backend: str = "auto") -> tuple[torch.Tensor, ...]:
-    """Attention and its forward-mode tangent in one fused pass (MATH.md section 5).
+    """Attention and its forward-mode tangent in one fused pass (docs/math.md section 5).
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); tq, tk, tv: tangents shaped like q, k, v, or None (zero, and their
     products are skipped). float64/32/16 and bfloat16; accumulation in float32 (float64 on the reference).

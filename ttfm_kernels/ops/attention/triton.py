@@ -1,4 +1,4 @@
-"""Triton kernel of the fused attention JVP (MATH.md section 5): one pass, FlashAttention-2 style.
+"""Triton kernel of the fused attention JVP (docs/math.md section 5): one pass, FlashAttention-2 style.
 
 One program handles BLOCK_M query rows of one (batch, head) and walks the key blocks once with an online
 softmax (base-2 exponentials), rescaling ALL accumulators (l, acc_o, acc_mu, acc_t) by exp(m_old - m_new):

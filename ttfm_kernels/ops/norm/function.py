@@ -1,12 +1,12 @@
 """Public entry points of the modulated norm op: validation, backend dispatch, autograd and forward AD.
 
-``jvp_norm_modulate_silu`` takes explicit tangents and returns (y, ty) (MATH.md section 6);
+``jvp_norm_modulate_silu`` takes explicit tangents and returns (y, ty) (docs/math.md section 6);
 ``norm_modulate_silu`` is the same op for forward-mode AD (``torch.func.jvp`` / ``forward_ad``): it reads the
 tangents off its dual inputs and attaches ty to y. Backends: "reference" (``reference.py``), "cpu"
 (``csrc/cpu/vec/norm.cpp``) and "triton" (``triton.py``; GPU, or CPU under ``TRITON_INTERPRET=1``).
 
 With tangents, ONE kernel call produces y and ty; both are differentiable, and the backward recomputes
-from the explicit reference formula (TOOLCHAIN.md, "Forward-mode AD: the pattern"). Without tangents the
+from the explicit reference formula (docs/design.md, "The forward-AD pattern"). Without tangents the
 op is torch's own norm + modulation + SiLU when a graph is needed, else the kernel without its tangent.
 """
 
@@ -16,16 +16,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
-from ttfm_kernels._checks import check_float, check_like
+from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
 __all__ = ["jvp_norm_modulate_silu", "norm_modulate_silu"]
 
-_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
     "reference": always,
-    "cpu": ext_kernel("norm_modulate_jvp", "CPU", _FLOAT),
+    "cpu": ext_kernel("norm_modulate_jvp", "CPU", FLOAT_DTYPES),
     "triton": triton_kernel(),
 }, gpu_order=("triton",))
 _ACTIVATIONS = ("silu", None)
@@ -49,7 +48,7 @@ def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str
 
 def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, num_groups: int | None,
               weight: Opt, bias: Opt, activation: str | None) -> None:
-    check_float("x", x, _FLOAT)
+    check_float("x", x, FLOAT_DTYPES)
     if num_groups is None:
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, N, C) for LayerNorm (num_groups=None), got {tuple(x.shape)}")
@@ -77,7 +76,7 @@ def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tsh
             _check_sized(name, t, (channels,), "(C,)", x)
             if fwAD.unpack_dual(t).tangent is not None:
                 raise ValueError(f"{name} carries a forward-AD tangent: a JVP with respect to the norm's "
-                                 "parameters is not supported (MATH.md section 6)")
+                                 "parameters is not supported (docs/math.md section 6)")
 
 
 def _run_kernel(name: str, x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
@@ -170,7 +169,7 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
                            tscale: Opt = None, tshift: Opt = None, *, num_groups: int | None = None,
                            weight: Opt = None, bias: Opt = None, eps: float = 1e-5,
                            activation: str | None = "silu", backend: str = "auto") -> tuple[torch.Tensor, Opt]:
-    """Fused norm + modulation + SiLU and its JVP with explicit tangents (MATH.md section 6).
+    """Fused norm + modulation + SiLU and its JVP with explicit tangents (docs/math.md section 6).
 
     x, tx: (B, N, C) with ``num_groups=None`` (LayerNorm over C), or (B, C, H, W) with ``num_groups=G``
     (GroupNorm, G dividing C); scale, shift, tscale, tshift: (B, C); weight, bias: (C,) (the norm's affine,
