@@ -1,6 +1,7 @@
 """jvp_attention's Triton kernel compiled for the GPU, against torch.func.jvp over math SDPA on the CPU (float64).
 
-Curated: 19 kernel specialisations (dtype x padded head dim x causal x tangent set x Nq/Nk shape class). The
+Curated: about 25 kernel specialisations (dtype x padded head dim x causal x tangent set x Nq/Nk shape class;
+float32 at D in (64, 128] compiles one per tangent). The
 inputs, oracle and tolerances are those of the interpreter suite (``tests/ops/test_attention.py``).
 """
 
@@ -22,7 +23,7 @@ from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 pytestmark = pytest.mark.gpu
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
-#: (B, H, Nq, Nk, D, causal, dtype): every dtype, N in {1, 77, 400}, Nq != Nk, D in {16, 64, 80, 128, 256}.
+#: (B, H, Nq, Nk, D, causal, dtype): every dtype, N in {1, 77, 400}, Nq != Nk, D in {16, 64, 72, 80, 128, 256}.
 CASES = [
     (1, 2, 77, 130, 64, False, F16),
     (1, 2, 77, 130, 64, False, BF16),
@@ -36,6 +37,8 @@ CASES = [
     (1, 2, 130, 77, 64, True, BF16),
     (1, 2, 77, 130, 16, True, F32),
     (1, 1, 77, 77, 256, False, BF16),
+    (1, 2, 77, 130, 72, False, F32),  # float32 D in (64, 128]: one launch per tangent (DiT-XL/2 has 72)
+    (1, 1, 400, 400, 128, True, F32),
 ]
 
 

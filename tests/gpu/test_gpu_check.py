@@ -20,7 +20,7 @@ from tests.conftest import INTERPRET_OVERRIDE, use_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The @pytest.mark.gpu tests in tests/gpu (each later kernel issue raises it with its own cases).
-EXPECTED_GPU_TESTS = 67
+EXPECTED_GPU_TESTS = 69
 MACHINE = {"gpu": "Fake GPU", "capability": "9.0", "arch_list": "9.0a", "driver": "580.0", "torch": "2.11.0",
            "torch_cuda": "13.0", "triton": "3.6.0", "python": "3.12", "nvcc": "release 13.0", "gpu_memory_gib": 1}
 
@@ -83,14 +83,16 @@ def test_report_dir_precedence():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="rehearses the machine without a GPU")
-def test_without_cuda_it_stops_at_once(tmp_path: Path):
-    env = {**os.environ, "GPU_REPORT_DIR": str(tmp_path / "report")}
-    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--stages", "build"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "gpu-check: no CUDA device" in proc.stderr and "is_available() == False" in proc.stderr
+def test_without_cuda_it_stops_at_once(tmp_path: Path, monkeypatch, capsys):
+    """`make gpu-check` here: exit 2 and the no-CUDA message, nothing built or written (in-process: the same
+    main() the Makefile runs, with this session's CPU build of torch)."""
+    monkeypatch.setenv("GPU_REPORT_DIR", str(tmp_path / "report"))
+    assert gpu_check.main(["--stages", "build,parity"]) == 2
+    err = capsys.readouterr().err
+    assert "gpu-check: no CUDA device" in err and "is_available() == False" in err
     assert not (tmp_path / "report").exists()
-    assert gpu_check.main(["--stages", "parity"]) == 2  # in-process: torch here is the CPU build
+    with pytest.raises(SystemExit):  # a bad stage name is an argument error (exit 2), before any CUDA check
+        gpu_check.main(["--stages", "install"])
 
 
 FAKE_SUITE = '''
