@@ -58,6 +58,7 @@ RESULTS_ENV = "TTFM_GPU_RESULTS"
 EXTENSIONS = ("_C", "_C_vec", "_C_cuda")
 CUDA_KERNELS = ("flow_map_step", "itvm_residual_loss_fwd")
 MESSAGE_CHARS = 1500
+TICK_S = 10.0  # how often the report is rewritten while a pytest stage runs
 
 
 class NoCudaDevice(RuntimeError):
@@ -227,21 +228,26 @@ def _run_quiet(cmd: list[str]) -> str | None:
         return None
 
 
-def _run_logged(cmd: list[str], log: Path, env: Mapping[str, str], timeout: float) -> tuple[int | None, float]:
-    """Run ``cmd`` in its own process group, appending its output to ``log``; (return code or None on time-out,
-    seconds). On time-out the whole group (pytest-xdist workers, nvcc) is killed."""
+def _run_logged(cmd: list[str], log: Path, env: Mapping[str, str], timeout: float,
+                on_tick: Callable[[], None] = lambda: None) -> tuple[int | None, float]:
+    """Run ``cmd`` in its own process group, appending its output to ``log`` and calling ``on_tick`` every
+    ``TICK_S`` seconds meanwhile; (return code or None on time-out, seconds). On time-out the whole group
+    (pytest-xdist workers, nvcc) is killed."""
     start = time.monotonic()
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=max(timeout, 1.0))
-        except subprocess.TimeoutExpired:
+        rc: int | None = None
+        while rc is None and time.monotonic() - start < timeout:
+            try:
+                rc = proc.wait(timeout=min(TICK_S, max(timeout - (time.monotonic() - start), 0.1)))
+            except subprocess.TimeoutExpired:
+                on_tick()
+        if rc is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            rc = None
             out.write(f"\n[gpu-check] killed after {timeout:.0f} s\n")
     return rc, time.monotonic() - start
 
@@ -323,10 +329,18 @@ class Check:
             log = self.dir / st["log"]
             cmd = [sys.executable, "-m", "pytest", *args, "-p", "scripts.gpu_check", "-p", "no:cacheprovider",
                    "-v", "-rA", "--durations=15"]
-            rc, seconds = _run_logged(cmd, log, env, timeout)
+
+            def fold() -> None:  # the results so far into the report (a kill from outside keeps them)
+                records = read_results(results)
+                st.update(judge_tests(records, skips_fail=skips_fail), figures=figures(records))
+
+            def tick() -> None:
+                fold()
+                self.save()
+
+            rc, seconds = _run_logged(cmd, log, env, timeout, tick)
             st["seconds"] = seconds
-            st.update(judge_tests(read_results(results), skips_fail=skips_fail))
-            st["figures"] = figures(read_results(results))
+            fold()
         if rc is None:
             st["problems"].insert(0, f"timed out after {seconds:.0f} s (results so far are kept)")
         elif rc not in (0, 1, 5) and not st["problems"]:

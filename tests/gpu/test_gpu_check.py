@@ -157,3 +157,15 @@ def test_report_of_a_recorded_run(tmp_path: Path):
     assert "**FAIL**" in md and "Fake GPU" in md and "| parity | failed |" in md
     assert "fake case" in md and "fused 1.000 ms" in md and "fused x2.00" in md
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["parity.log", "report.json", "report.md"]
+
+
+def test_a_running_stage_reports_meanwhile_and_is_cut_at_its_limit(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "TICK_S", 0.1)
+    ticks = []
+    log = tmp_path / "stage.log"
+    rc, seconds = gpu_check._run_logged([sys.executable, "-c", "import time; print('hi'); time.sleep(0.6)"], log,
+                                        os.environ, timeout=30, on_tick=lambda: ticks.append(1))
+    assert rc == 0 and len(ticks) >= 2 and "hi" in log.read_text()
+    rc, seconds = gpu_check._run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, os.environ,
+                                        timeout=0.5)
+    assert rc is None and seconds < 10 and "killed after" in log.read_text()
