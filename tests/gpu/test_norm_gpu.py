@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from tests.ops.test_norm import TANGENTS, eager_composite, make_inputs, oracle, run
+from tests.ops.test_norm import TANGENTS, _grads_through_tangent, eager_composite, make_inputs, oracle, run
 from ttfm_kernels.ops.norm import norm_modulate_silu
 from ttfm_kernels.ops.norm.function import _BACKENDS
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
@@ -62,20 +62,17 @@ def test_gradients_through_the_tangent():
     """Backward through ty under torch.func.jvp on CUDA ("auto"), against the eager composite with LayerNorm
     written out (torch's own F.layer_norm forward-AD backward is wrong in torch 2.13)."""
     t = make_inputs(None, (2, 77, 1152))
+    cuda, t64 = _cuda(t), {k: None if v is None else v.double() for k, v in t.items()}
 
-    def grads(tensors: dict, fused: bool) -> tuple[torch.Tensor, ...]:
-        x, scale, weight = (tensors[k].clone().requires_grad_() for k in ("x", "scale", "weight"))
-        if fused:
-            def fn(x_, s_, sh_):
-                return norm_modulate_silu(x_, s_, sh_, weight=weight, bias=tensors["bias"])
-        else:
-            fn = eager_composite(None, weight, tensors["bias"], by_hand=True)
-        y, ty = torch.func.jvp(fn, (x, scale, tensors["shift"]), (tensors["tx"], tensors["tscale"], tensors["tshift"]))
-        (y * y.detach().cos()).sum().add(ty.square().sum()).backward()
-        return x.grad, scale.grad, weight.grad
+    def fused(x, scale, weight):
+        return torch.func.jvp(lambda x_, s_, sh_: norm_modulate_silu(x_, s_, sh_, weight=weight, bias=cuda["bias"]),
+                              (x, scale, cuda["shift"]), (cuda["tx"], cuda["tscale"], cuda["tshift"]))
 
-    got = grads(_cuda(t), fused=True)
-    want = grads({k: None if v is None else v.double() for k, v in t.items()}, fused=False)
+    def eager(x, scale, weight):
+        return torch.func.jvp(eager_composite(None, weight, t64["bias"], by_hand=True), (x, scale, t64["shift"]),
+                              (t64["tx"], t64["tscale"], t64["tshift"]))
+
+    got, want = _grads_through_tangent(fused, cuda), _grads_through_tangent(eager, t64)
     for g, w, name in zip(got, want, ("x.grad", "scale.grad", "weight.grad"), strict=True):
         assert g.is_cuda
         assert_nontrivial(g, name)
