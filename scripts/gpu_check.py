@@ -84,14 +84,26 @@ def cuda_arch(capability: tuple[int, int]) -> str:
 
 
 def cuda_home(nvcc: str | None) -> str:
-    """The toolkit root holding the real ``bin/nvcc`` (a wrapper or symlink on PATH is resolved first)."""
+    """The toolkit root holding the real ``bin/nvcc``: the nvcc on PATH with symlinks resolved, or, when that is a
+    wrapper script outside any toolkit (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``), the directory nvcc itself
+    reports running from (``_HERE_`` in ``nvcc -dryrun``)."""
     if nvcc is None:
         raise RuntimeError("nvcc is not on PATH: the CUDA extension cannot be built")
     real = Path(os.path.realpath(nvcc))
-    root = real.parent.parent
-    if real.parent.name != "bin" or not (root / "include" / "cuda_runtime.h").exists():
-        raise RuntimeError(f"nvcc resolves to {real}, whose toolkit root {root} holds no include/cuda_runtime.h")
-    return str(root)
+    candidates = [real.parent.parent]
+    try:
+        proc = subprocess.run([str(real), "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+        here = re.search(r"^#\$ _HERE_=(.+)$", proc.stdout + proc.stderr, re.MULTILINE)
+        if here:
+            candidates.append(Path(here.group(1).strip()).parent)
+    except OSError:
+        pass
+    for root in candidates:
+        if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime.h").exists():
+            return str(root)
+    raise RuntimeError(f"nvcc at {nvcc} (resolved {real}) belongs to no toolkit holding include/cuda_runtime.h "
+                       f"(looked in {', '.join(map(str, candidates))}); set CUDA_HOME")
 
 
 def report_dir(arg: str | None, environ: Mapping[str, str]) -> Path:

@@ -63,16 +63,24 @@ def test_arch_and_toolkit_detection(tmp_path: Path):
     (toolkit / "bin").mkdir(parents=True)
     (toolkit / "include").mkdir()
     (toolkit / "include" / "cuda_runtime.h").touch()
-    (toolkit / "bin" / "nvcc").touch()
+    real = toolkit / "bin" / "nvcc"  # a stand-in that answers -dryrun like nvcc does
+    real.write_text(f"#!/bin/sh\necho '#$ _HERE_={toolkit}/bin' >&2\n")
+    real.chmod(0o755)
     (tmp_path / "local" / "bin").mkdir(parents=True)
     link = tmp_path / "local" / "bin" / "nvcc"  # /usr/local/bin/nvcc -> the toolkit's: torch would guess /usr/local
-    link.symlink_to(toolkit / "bin" / "nvcc")
+    link.symlink_to(real)
     assert gpu_check.cuda_home(str(link)) == str(toolkit)
+    wrapper = tmp_path / "local" / "bin" / "nvcc-wrapper"  # a script that execs the real nvcc, as on our machines
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    assert gpu_check.cuda_home(str(wrapper)) == str(toolkit)
     with pytest.raises(RuntimeError, match="not on PATH"):
         gpu_check.cuda_home(None)
-    (tmp_path / "local" / "bin" / "fake").touch()
-    with pytest.raises(RuntimeError, match=r"holds no include/cuda_runtime\.h"):
-        gpu_check.cuda_home(str(tmp_path / "local" / "bin" / "fake"))
+    stray = tmp_path / "local" / "bin" / "stray"
+    stray.write_text("#!/bin/sh\n")
+    stray.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"belongs to no toolkit holding include/cuda_runtime\.h"):
+        gpu_check.cuda_home(str(stray))
 
 
 def test_report_dir_precedence():
