@@ -102,32 +102,39 @@ def test_sdpa_matches_math_sdpa_jvp(kwargs, q_shape, kv_shape, dtype):
     assert_close_to_ref(got[1], ref[1], dtype=dtype, name="sdpa tangent", scale=4.0)  # tangent: two products
 
 
+LOW = [CASES[0], CASES[5], CASES[8], CASES[11]]  # linear, grouped conv2d, layer_norm, group_norm
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("name", "fn", "shape"), [CASES[0], CASES[5], CASES[8], CASES[11]])
+@pytest.mark.parametrize(("name", "fn", "shape"), LOW)
 def test_low_precision_within_the_tolerance_table(name, fn, shape, dtype):
+    _check_moved(name, fn, shape, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "fn", "shape"), LOW)
+def test_routed_on_cuda(name, fn, shape, dtype):
+    _check_moved(name, fn, shape, dtype=dtype, device="cuda")
+
+
+def _check_moved(name, fn, shape, **to):
+    """fn's JVP with its inputs and the module-level weights it closes over moved ``to`` (dtype, device), under
+    the mode, against the CPU fp64 JVP without it."""
     x, tx = torch.randn(shape, dtype=D64), torch.randn(shape, dtype=D64)
     ref = torch.func.jvp(fn, (x,), (tx,))
-
-    def low(z):  # the same function with its weights in ``dtype``
-        with torch.autocast("cpu", enabled=False):
-            return _cast_call(fn, z, dtype)
-
-    with fused_jvp(stats=True) as mode:
-        got = torch.func.jvp(low, (x.to(dtype),), (tx.to(dtype),))
-    assert mode.stats.routed[name] == 1
-    assert got[1].dtype == dtype
-    assert_close_to_ref(got[1], ref[1], dtype=dtype, name=f"{name} tangent ({dtype})", scale=4.0)
-
-
-def _cast_call(fn, z, dtype):
-    """Call ``fn`` with the module-level weights it closes over cast to ``dtype`` (restored after)."""
     names = ("_LIN_W", "_LIN_B", "_C1", "_C2", "_C2G", "_C3", "_LN_W", "_LN_B", "_GN_W", "_GN_B")
     saved = {n: globals()[n] for n in names}
-    globals().update({n: t.to(dtype) for n, t in saved.items()})
+    globals().update({n: t.to(**to) for n, t in saved.items()})
     try:
-        return fn(z)
+        with fused_jvp(stats=True) as mode:
+            got = torch.func.jvp(fn, (x.to(**to),), (tx.to(**to),))
     finally:
         globals().update(saved)
+    assert mode.stats.routed[name] == 1
+    assert got[1].dtype == to["dtype"]
+    assert_close_to_ref(got[1], ref[1], dtype=to["dtype"], name=f"{name} tangent ({to})", scale=4.0)
 
 
 def test_no_tangent_and_parameter_tangents_fall_through():

@@ -150,10 +150,8 @@ def _vmap_active() -> bool:
     """Whether a ``torch.func.vmap`` level is on the functorch stack (the fused Functions have no vmap rule).
 
     Batched tensors cannot be told apart from the outside under ``vmap(jvp(...))`` (the dual wraps them), so
-    this reads functorch's interpreter stack; without any functorch transform it is one C call.
+    this reads functorch's interpreter stack (only when a transform is active).
     """
-    if torch._C._functorch.maybe_current_level() is None:
-        return False
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
@@ -199,7 +197,9 @@ class FusedJvp(TorchFunctionMode):
         """(why this call runs torch's own function, or None for the fused form; the inputs' (primal, tangent))."""
         if not _PLAIN.issuperset(types):  # Python-level functions (F.layer_norm) list plain tensors too
             return "tensor subclass", []
-        if _vmap_active():  # checked first: unpacking a dual under vmap raises
+        if fwAD._current_level < 0 and torch._C._functorch.maybe_current_level() is None:
+            return "no tangent", []  # no dual level and no functorch transform: nothing can carry a tangent
+        if _vmap_active():  # checked before unpacking: unpacking a dual under vmap raises
             return "vmap", []
         unpacked = [_tangent(bound.get(n)) for n in route.inputs]
         if any(_tangent(bound.get(n))[1] is not None for n in route.weights):
