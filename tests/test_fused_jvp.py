@@ -11,7 +11,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ttfm_kernels import _dispatch, fused_jvp, jvp_t, lfmd_loss
+import ttfm_kernels.jvp as jvp_module
+from ttfm_kernels import _dispatch, fused_jvp, jvp_sx, jvp_t, lfmd_loss
+from ttfm_kernels.fused_jvp import active_fused_jvp
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
 D64 = torch.float64
@@ -302,6 +304,30 @@ def test_jvp_t_runs_inside_an_open_mode_and_only_around_the_jvp():
     with fused_jvp(stats=True) as mode:
         model(x, s, t)  # a plain forward: seen by the mode, nothing routed
     assert not mode.stats.routed and sum(mode.stats.passed.values()) == 3
+    v = torch.randn_like(x)
+    ref_sx = torch.func.jvp(lambda xx, ss: model(xx, ss, t), (x, s), (v, torch.ones_like(s)))
+    with fused_jvp(stats=True) as mode:
+        _, du_sx = jvp_sx(model, x, s, t, v)
+    assert mode.stats.routed == {"linear": 2, "layer_norm": 1}
+    assert_close_to_ref(du_sx, ref_sx[1], name="jvp_sx tangent")
+
+
+def test_jvp_t_opens_its_own_mode_only_around_the_jvp(monkeypatch):
+    entered: list[bool] = []
+    real = jvp_module.fused_jvp
+
+    def spy(*args, **kwargs):
+        entered.append(active_fused_jvp())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jvp_module, "fused_jvp", spy)
+    model = _TwoTimeLn().double()
+    x, s, t = torch.randn(4, 6, dtype=D64), torch.rand(4, dtype=D64), torch.rand(4, dtype=D64)
+    jvp_t(model, x, s, t)
+    assert entered == [False] and not active_fused_jvp()  # one mode, closed again
+    with fused_jvp():
+        jvp_t(model, x, s, t)
+    assert entered == [False]  # an open mode is used as it is
 
 
 def test_a_plain_thread_beside_a_jvp_thread_sees_no_routing():
