@@ -382,3 +382,20 @@ def test_itvm_style_no_grad_jvp_through_non_reentrant_checkpoint():
         got = torch.func.jvp(fn, (x,), (tx,))
     assert mode.stats.routed["layer_norm"] == 1
     assert_close_to_ref(got[1], ref[1], name="checkpointed tangent")
+
+
+def test_torch_compile_with_the_mode_open_gives_its_tangents():
+    """The documented torch.compile behaviour (docs/support.md): the mode's handler runs on every call."""
+    lin = torch.nn.Linear(8, 8)
+
+    def f(x, tx):
+        return torch.func.jvp(lambda z: F.layer_norm(lin(z), (8,)), (x,), (tx,))
+
+    x, tx = torch.randn(4, 8), torch.randn(4, 8)
+    ref = f(x, tx)
+    compiled = torch.compile(f, backend="aot_eager")
+    with fused_jvp(stats=True) as mode:
+        compiled(x, tx)
+        got = compiled(x, tx)
+    assert mode.stats.routed == {"linear": 2, "layer_norm": 2}
+    assert_close_to_ref(got[1], ref[1], name="compiled tangent")
