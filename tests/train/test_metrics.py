@@ -89,9 +89,15 @@ def test_2d_kl_protocol_floor_is_near_zero():
 
 @pytest.fixture(scope="module")
 def digits_classifier(tmp_path_factory):
+    """Trained on one thread: two spinning threads made it many times slower on a loaded 2-core machine."""
     cache = tmp_path_factory.mktemp("clf") / "classifier.pt"
     data = load_data("digits")
-    clf, acc = train_classifier(data.train, data.train_labels, data.held, data.held_labels, seed=0, cache=cache)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clf, acc = train_classifier(data.train, data.train_labels, data.held, data.held_labels, seed=0, cache=cache)
+    finally:
+        torch.set_num_threads(threads)
     return data, clf, acc, cache
 
 
@@ -112,4 +118,4 @@ def test_frechet_in_classifier_features_grows_with_noise(digits_classifier):
     noise = torch.randn(data.train.shape, generator=g)
     fd = [frechet_distance(clf.embed((data.train + std * noise).clamp(-1, 1))[0], held)
           for std in (0.0, 0.1, 0.3, 0.6)]
-    assert fd[0] > 0 and all(b > 1.5 * a for a, b in itertools.pairwise(fd)), fd
+    assert fd[0] > 0 and all(b > a for a, b in itertools.pairwise(fd)) and fd[-1] > 10 * fd[0], fd

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ttfm_kernels._checks import check_model_input
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
 
 __all__ = ["Conditioning", "ImageFlowModel", "StudentModel", "TeacherModel"]
@@ -54,15 +55,6 @@ class Conditioning(nn.Module):
         return c + self.label_embed(y.to(c.device))
 
 
-def _check_call(x: torch.Tensor, channels: int, size: int, **times: torch.Tensor) -> None:
-    if x.dim() != 4 or x.shape[1:] != (channels, size, size):
-        raise ValueError(f"x must have shape (B, {channels}, {size}, {size}), got {tuple(x.shape)}")
-    for name, t in times.items():
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a floating tensor of shape (B,) = ({x.shape[0]},), "
-                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-
-
 class ImageFlowModel(nn.Module):
     """Base of the image teachers and students: ``config``, ``sigma``, ``null_class``, ``from_preset``.
 
@@ -92,7 +84,8 @@ class ImageFlowModel(nn.Module):
 
     def _run(self, x: torch.Tensor, *times: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         names = ("s", "t") if self.two_time else ("t",)
-        _check_call(x, self.in_channels, self.image_size, **dict(zip(names, times, strict=True)))
+        check_model_input(x, (self.in_channels, self.image_size, self.image_size),
+                          **dict(zip(names, times, strict=True)))
         return self.body(x, self.cond(*times, y=y))
 
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ttfm_kernels._checks import check_model_input
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
 
 __all__ = ["MLP", "TwoTimeMLP"]
@@ -63,14 +64,6 @@ class _MLPBase(nn.Module):
         return cls(**kwargs)
 
 
-def _check_call(x: torch.Tensor, dim: int, **times: torch.Tensor) -> None:
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"x must have shape (B, {dim}), got {tuple(x.shape)}")
-    for name, t in times.items():
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
-
-
 class MLP(_MLPBase):
     """Flow-matching teacher v(x, t) for points in R^dim.
 
@@ -85,7 +78,7 @@ class MLP(_MLPBase):
     EMBEDDING = TimeEmbedding
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_call(x, self.dim, t=t)
+        check_model_input(x, (self.dim,), t=t)
         return self.body(x, self.time_embed(t))
 
 
@@ -98,7 +91,7 @@ class TwoTimeMLP(_MLPBase):
     EMBEDDING = TwoTimeEmbedding
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        _check_call(x, self.dim, s=s, t=t)
+        check_model_input(x, (self.dim,), s=s, t=t)
         return self.body(x, self.time_embed(s, t))
 
     @classmethod

@@ -43,7 +43,9 @@ from ttfm_kernels.train.data import PointData
 __all__ = ["LossFn", "PlainProgress", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything"]
 
 LossFn = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
-"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, ...) batch of data (points or images)."""
+"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, ...) batch of data (points or images); stats maps
+names to 0-dim tensors (as the losses return them) or numbers, converted to Python numbers only when a log line is
+written."""
 
 
 class PlainProgress:
