@@ -162,3 +162,14 @@ def test_image_run_end_to_end(tmp_path, capsys):
     # the teacher's fine Heun solve lies closer to the data than its 1-step Euler solve (a blurred mean image)
     assert res["floor"]["frechet"] < res["teacher_heun"]["frechet"] < res["teacher_euler"]["1"]["frechet"]
     assert 0 <= res["floor"]["coverage_kl"] < 0.01
+
+
+def test_time_scale_reaches_teacher_and_student(tmp_path):
+    """--time-scale is the models' constructor argument; the student built by from_teacher inherits it."""
+    common = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--no-progress", "--threads", "1"]
+    assert main(["train-teacher", "--model", "unet", "--data", "digits", "--preset", "tiny", "--time-scale", "1",
+                 "--out", str(tmp_path / "t"), *common]) == 0
+    assert main(["distill", "--teacher", str(tmp_path / "t"), "--loss", "itvm", "--target", "euler",
+                 "--out", str(tmp_path / "s"), *common]) == 0
+    for run in ("t", "s"):
+        assert load_checkpoint(tmp_path / run)["config"]["model"]["args"]["time_scale"] == 1.0
