@@ -1,0 +1,110 @@
+"""Explicit-tangent building blocks of the models' ``forward_jvp``: (primal, tangent) pairs, tangent None = zero.
+
+Every helper takes primals and their tangents (any tangent may be None, meaning zero: its products are skipped)
+and returns ``(y, ty)`` with ``ty`` None when every input tangent is None. No forward-AD (dual) tensors are
+made: the tangents are ordinary tensors, so the pass compiles (torch.compile), runs through FSDP2 units and
+stays differentiable w.r.t. the parameters (reverse-over-forward, as LFMD needs).
+
+``call`` is the rule that keeps each model written once: without tangents it calls the module itself (its
+``__call__``, so hooks such as FSDP2's run, and its ``forward`` stays forward-AD aware for ``torch.func.jvp``);
+with a tangent it calls the module's ``forward_jvp``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttfm_kernels._checks import check_like
+
+__all__ = ["Opt", "add", "call", "cat", "check", "gelu_tanh", "map_pair", "mul", "silu", "sub", "unpack"]
+
+Opt = torch.Tensor | None
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+def call(module: nn.Module, *primals: object, **tangents: Opt) -> tuple[torch.Tensor, Opt]:
+    """``(module(*primals), None)`` when every tangent is None, else ``module.forward_jvp(*primals, **tangents)``.
+
+    An ``nn.Identity`` passes its one (primal, tangent) pair through.
+    """
+    if all(t is None for t in tangents.values()):
+        return module(*primals), None
+    if isinstance(module, nn.Identity):
+        (tangent,) = tangents.values()
+        return primals[0], tangent
+    return module.forward_jvp(*primals, **tangents)
+
+
+def map_pair(fn, x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    """(fn(x), fn(tx)) for a linear map ``fn`` (reshapes, permutes, nearest upsampling, chunks of one tensor)."""
+    return fn(x), None if tx is None else fn(tx)
+
+
+def add(a: torch.Tensor, ta: Opt, b: torch.Tensor, tb: Opt) -> tuple[torch.Tensor, Opt]:
+    """a + b and its tangent."""
+    if ta is None:
+        return a + b, tb
+    return a + b, ta if tb is None else ta + tb
+
+
+def sub(a: torch.Tensor, ta: Opt, b: torch.Tensor, tb: Opt) -> tuple[torch.Tensor, Opt]:
+    """a - b and its tangent."""
+    if tb is None:
+        return a - b, ta
+    return a - b, -tb if ta is None else ta - tb
+
+
+def mul(a: torch.Tensor, ta: Opt, b: torch.Tensor, tb: Opt) -> tuple[torch.Tensor, Opt]:
+    """a * b (broadcasting) and its tangent ta * b + a * tb, skipping absent terms."""
+    terms = [t for t in (None if ta is None else ta * b, None if tb is None else a * tb) if t is not None]
+    return a * b, (terms[0] + terms[1] if len(terms) == 2 else terms[0] if terms else None)
+
+
+def cat(pairs: list[tuple[torch.Tensor, Opt]], dim: int) -> tuple[torch.Tensor, Opt]:
+    """torch.cat of the primals and of the tangents (zeros stand in for absent ones, if any is present)."""
+    y = torch.cat([p for p, _ in pairs], dim=dim)
+    if all(t is None for _, t in pairs):
+        return y, None
+    return y, torch.cat([torch.zeros_like(p) if t is None else t for p, t in pairs], dim=dim)
+
+
+def silu(x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    """SiLU and its tangent: d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
+    y = F.silu(x)
+    if tx is None:
+        return y, None
+    sig = torch.sigmoid(x)
+    return y, tx * (sig * (1 + x * (1 - sig)))
+
+
+def gelu_tanh(x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    """GELU (tanh approximation, as ``nn.GELU(approximate="tanh")``) and its tangent."""
+    y = F.gelu(x, approximate="tanh")
+    if tx is None:
+        return y, None
+    th = torch.tanh(_GELU_K * (x + _GELU_C * x ** 3))
+    slope = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_K * (1 + 3 * _GELU_C * x * x)
+    return y, tx * slope
+
+
+def unpack(tangents: Mapping[str, Opt] | None, names: tuple[str, ...]) -> tuple[Opt, ...]:
+    """The tangents of a ``forward(..., tangents={...})`` call in the order ``names`` (absent: None)."""
+    if tangents is None:
+        return (None,) * len(names)
+    if not isinstance(tangents, Mapping) or set(tangents) - set(names):
+        raise ValueError(f"tangents must be a mapping with keys among {names} (the keyword tangents of "
+                         f"forward_jvp), got {tangents if not isinstance(tangents, Mapping) else sorted(tangents)}")
+    return tuple(tangents.get(n) for n in names)
+
+
+def check(primals: Mapping[str, torch.Tensor], tangents: Mapping[str, Opt]) -> None:
+    """Raise unless every given tangent matches its primal (shape, dtype, device); keys pair up in order."""
+    for (name, primal), (tname, tangent) in zip(primals.items(), tangents.items(), strict=True):
+        if tangent is not None:
+            check_like(tname, tangent, name, primal)
