@@ -57,7 +57,7 @@ def test_itvm_step_cpu(compare, label, teacher_cls, student_cls, batch) -> None:
     def step(backend: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         student.zero_grad(set_to_none=True)
         with use_backend(backend):
-            loss, _ = itvm_loss(student, teacher, ema, x1, x0=x0, s=s, t=t, target="jvp")
+            loss, _ = itvm_loss(student, teacher, x1, ema=ema, x0=x0, s=s, t=t, target="jvp")
             loss.backward()
         return loss.detach(), [p.grad for p in student.parameters()]
 

@@ -1,10 +1,10 @@
-"""Input validation shared by the ops: each helper raises a clear error that names the argument."""
+"""Input validation shared by the ops and models: each helper raises a clear error that names the argument."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_float", "check_like", "check_per_sample", "check_rank"]
+__all__ = ["check_float", "check_like", "check_model_input", "check_per_sample", "check_rank"]
 
 
 def check_float(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
@@ -41,3 +41,14 @@ def check_per_sample(name: str, t: torch.Tensor, batch: int, ref_name: str, ref:
         raise ValueError(f"{name} must have shape (B,) = ({batch},) like {ref_name}'s batch, got {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device}, expected {ref.device} like {ref_name}")
+
+
+def check_model_input(x: torch.Tensor, shape: tuple[int, ...], **times: object) -> None:
+    """Raise ValueError unless ``x`` has shape (B, *shape) and each of ``times`` (by name) is a floating (B,)
+    tensor: the check at the top of every model's forward."""
+    if x.dim() != 1 + len(shape) or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    for name, t in times.items():
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.shape != (x.shape[0],):
+            raise ValueError(f"{name} must be a floating tensor of shape (B,) = ({x.shape[0]},), "
+                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")

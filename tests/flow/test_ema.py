@@ -22,10 +22,21 @@ def test_update_is_the_moving_average():
 
 
 def test_warmup_ramps_the_decay():
-    ema = EMA(TwoTimeNet(3), decay=0.999, warmup=10)
+    model = TwoTimeNet(3)
+    model.embed.bfloat16()  # parameters of two dtypes: the device-side decay is cast to each
+    ema = EMA(model, decay=0.999, warmup=10)
     assert ema.current_decay() == pytest.approx(2 / 11)
+    before = [p.clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # the decay 2/11 as a device tensor
+    for p0, p, q in zip(before, model.parameters(), ema.module.parameters(), strict=True):
+        tol = {"rtol": 1e-6, "atol": 1e-7} if q.dtype == DTYPE else {"rtol": 1.6e-2, "atol": 1e-2}  # bf16 rounding
+        torch.testing.assert_close(q, 2 / 11 * p0 + 9 / 11 * p, **tol)
+    assert ema.current_decay() == pytest.approx(3 / 12)
     ema.num_updates.fill_(10_000)
-    assert ema.current_decay() == 0.999
+    assert ema.current_decay() == pytest.approx(0.999)
 
 
 def test_forward_state_dict_and_forward_jvp():

@@ -16,9 +16,9 @@ EXACT = 1e-26  # fp64 losses of the exact map: ~1e-32 measured (squares of ~1e-1
 @pytest.mark.parametrize("terminal_init", [False, True])
 def test_exact_map_has_zero_loss_and_perturbed_map_does_not(gaussian, terminal_init):
     teacher, exact, perturbed, batch, x1 = gaussian
-    loss, stats = itvm_loss(exact, teacher, exact, x1, terminal_init=terminal_init, **batch)
+    loss, stats = itvm_loss(exact, teacher, x1, terminal_init=terminal_init, **batch)
     assert 0 <= float(loss) < EXACT and stats["init"] < EXACT and stats["term"] < EXACT
-    loss, stats = itvm_loss(perturbed, teacher, perturbed, x1, terminal_init=terminal_init, **batch)
+    loss, stats = itvm_loss(perturbed, teacher, x1, terminal_init=terminal_init, **batch)
     assert float(loss) > 1e-4 and stats["init"] > 1e-4 and stats["term"] > 1e-5
     if terminal_init:
         assert stats["terminal_init"] > 1e-4
@@ -31,7 +31,7 @@ def test_derivative_free_targets_converge_at_their_rate(gaussian, target, order)
     teacher, exact, _, batch, x1 = gaussian
     residual = []
     for delta in (0.04, 0.02, 0.01):
-        loss, _ = itvm_loss(exact, teacher, exact, x1, target=target, delta=delta, lambda_init=0.0, **batch)
+        loss, _ = itvm_loss(exact, teacher, x1, target=target, delta=delta, lambda_init=0.0, **batch)
         residual.append((float(loss) * (delta if target == "euler" else 1.0)) ** 0.5)
     assert residual[-1] > 1e-6  # not exact: the rate is real
     for coarse, fine in itertools.pairwise(residual):
@@ -40,7 +40,7 @@ def test_derivative_free_targets_converge_at_their_rate(gaussian, target, order)
 
 def _grads(student, teacher, x1, **kwargs):
     student.zero_grad()
-    loss, _ = itvm_loss(student, teacher, student, x1, **kwargs)
+    loss, _ = itvm_loss(student, teacher, x1, **kwargs)
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in student.net.parameters()])
 
@@ -84,7 +84,8 @@ def test_gradient_flows_only_through_the_student_forwards(weighted):
     s = torch.rand(n, dtype=DTYPE) * 0.5
     t = s + 0.5 * torch.rand(n, dtype=DTYPE)
     w = torch.rand(n, dtype=DTYPE) + 0.5 if weighted else None
-    loss, _ = itvm_loss(student, teacher, ema, x1, x0=x0, s=s, t=t, weight=w, lambda_init=lam_i, lambda_term=lam_t)
+    loss, _ = itvm_loss(student, teacher, x1, ema=ema, x0=x0, s=s, t=t, weight=w, lambda_init=lam_i,
+                        lambda_term=lam_t)
     loss.backward()
     xs = (1 - s[:, None]) * x0 + s[:, None] * x1
     with torch.no_grad():
@@ -103,7 +104,7 @@ def test_gradient_flows_only_through_the_student_forwards(weighted):
 def test_one_batched_student_call_and_one_batched_teacher_call():
     student, ema, teacher = TwoTimeNet(3), TwoTimeNet(3), VelocityNet(3)
     y = torch.tensor([0, 1, 2, 3])
-    itvm_loss(student, teacher, ema, torch.randn(4, 3, dtype=DTYPE), cond={"y": y}, target="fd")
+    itvm_loss(student, teacher, torch.randn(4, 3, dtype=DTYPE), ema=ema, cond={"y": y}, target="fd")
     for model in (student, ema, teacher):
         assert len(model.calls) == 1 and torch.equal(model.calls[0], torch.cat([y, y])), model.calls
 
@@ -113,22 +114,22 @@ def test_one_batched_student_call_and_one_batched_teacher_call():
 def test_reductions_and_weights(gaussian, target, terminal_init):
     teacher, _, perturbed, batch, x1 = gaussian
     kwargs = {"target": target, "terminal_init": terminal_init, **batch}
-    per = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", **kwargs)[0]
+    per = itvm_loss(perturbed, teacher, x1, reduction="none", **kwargs)[0]
     assert per.shape == (x1.shape[0],) and (per > 0).all()
-    mean = itvm_loss(perturbed, teacher, perturbed, x1, **kwargs)[0]
-    total = itvm_loss(perturbed, teacher, perturbed, x1, reduction="sum", **kwargs)[0]
+    mean = itvm_loss(perturbed, teacher, x1, **kwargs)[0]
+    total = itvm_loss(perturbed, teacher, x1, reduction="sum", **kwargs)[0]
     torch.testing.assert_close(mean, per.mean())
     torch.testing.assert_close(total, per.sum())
     w = torch.rand(x1.shape[0], dtype=DTYPE)
-    weighted = itvm_loss(perturbed, teacher, perturbed, x1, weight=w, **kwargs)[0]
+    weighted = itvm_loss(perturbed, teacher, x1, weight=w, **kwargs)[0]
     torch.testing.assert_close(weighted, (w * per).mean())
 
 
 def test_terminal_init_adds_the_initial_term_at_the_endpoint(gaussian):
     teacher, _, perturbed, batch, x1 = gaussian
-    base = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", **batch)[0]
-    extra = itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", terminal_init=True, lambda_init=0.5,
-                      **batch)[0] - itvm_loss(perturbed, teacher, perturbed, x1, reduction="none", lambda_init=0.5,
+    base = itvm_loss(perturbed, teacher, x1, reduction="none", **batch)[0]
+    extra = itvm_loss(perturbed, teacher, x1, reduction="none", terminal_init=True, lambda_init=0.5,
+                      **batch)[0] - itvm_loss(perturbed, teacher, x1, reduction="none", lambda_init=0.5,
                                               **batch)[0]
     s, t = batch["s"], batch["t"]
     with torch.no_grad():
@@ -147,11 +148,11 @@ def test_public_pieces_compose_with_ema_and_guidance():
     x1, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([1, 2, 3, 1])
     s = torch.rand(4, dtype=DTYPE) * 0.5
     batch = {"x0": torch.randn_like(x1), "s": s, "t": s + 0.3, "cond": {"y": y}}
-    torch.testing.assert_close(itvm_loss(student, guided, ema, x1, **batch)[0],
-                               itvm_loss(student, guided, student, x1, **batch)[0])
+    torch.testing.assert_close(itvm_loss(student, guided, x1, ema=ema, **batch)[0],
+                               itvm_loss(student, guided, x1, **batch)[0])
     assert any(seen is not None and seen.eq(0).all() for seen in teacher.calls)  # the null label
     assert any(seen is not None and torch.equal(seen, torch.cat([y, y])) for seen in teacher.calls)
-    loss, _ = itvm_loss(student, guided, ema, x1, **batch)
+    loss, _ = itvm_loss(student, guided, x1, ema=ema, **batch)
     loss.backward()
     ema.update(student)
     assert sample(ema, torch.randn(4, 3, dtype=DTYPE), steps=2, y=y).shape == (4, 3)
@@ -165,14 +166,14 @@ def test_training_on_the_analytic_case_reduces_the_loss():
     opt = torch.optim.Adam(student.parameters(), lr=2e-2)
     x1 = teacher.sample(256)
     eval_batch = {"x0": torch.randn_like(x1), **dict(zip("st", TimeSampler()(256, dtype=DTYPE), strict=True))}
-    start = float(itvm_loss(student, teacher, student, x1, **eval_batch)[0])
+    start = float(itvm_loss(student, teacher, x1, **eval_batch)[0])
     for _ in range(40):
-        loss, _ = itvm_loss(student, teacher, ema, teacher.sample(64))
+        loss, _ = itvm_loss(student, teacher, teacher.sample(64), ema=ema)
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(student)
-    end = float(itvm_loss(student, teacher, student, x1, **eval_batch)[0])
+    end = float(itvm_loss(student, teacher, x1, **eval_batch)[0])
     assert end < 0.5 * start, (start, end)
 
 
@@ -189,7 +190,7 @@ def test_compiled_residual_backend_matches_the_reference(target, dtype):
     results = []
     for backend in ("reference", "cpu"):
         student.zero_grad()
-        loss, _ = itvm_loss(student, teacher, student, x1, backend=backend, **batch)
+        loss, _ = itvm_loss(student, teacher, x1, backend=backend, **batch)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in student.net.parameters()]))
     assert_close_to_ref(results[1][0], results[0][0], name="loss")

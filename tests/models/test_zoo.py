@@ -129,7 +129,7 @@ def test_itvm_gradients_reach_the_student_only(pair):
     student = student_cls.from_teacher(teacher)
     ema = copy.deepcopy(student)
     x1, _, _, y = _inputs(teacher, batch=3, dtype=torch.float32)
-    loss, stats = itvm_loss(student, teacher, ema, x1, cond={"y": y}, target="jvp")
+    loss, stats = itvm_loss(student, teacher, x1, ema=ema, cond={"y": y}, target="jvp")
     loss.backward()
     assert torch.isfinite(loss) and stats["init"] < 1e-10  # u(x, s, s) == v(x, s) at the start (up to batching)
     for name, p in student.named_parameters():

@@ -31,20 +31,35 @@ class EMA(nn.Module):
         if hasattr(model, "sigma"):
             self.sigma = model.sigma
 
+    def _decay(self) -> float | torch.Tensor:
+        """The decay the next ``update`` uses: ``decay`` without warmup, else a 0-dim float32 tensor on the
+        counter's device, computed from the count without reading it on the host."""
+        if self.warmup == 0:
+            return self.decay
+        n = self.num_updates + 1
+        return torch.clamp((1 + n) / (self.warmup + n), max=self.decay)
+
     def current_decay(self) -> float:
-        """The decay the next ``update`` uses."""
-        n = int(self.num_updates) + 1
-        return min(self.decay, (1 + n) / (self.warmup + n)) if self.warmup > 0 else self.decay
+        """The decay the next ``update`` uses, as a Python number (this reads the update count: a host sync on a
+        GPU; ``update`` never does)."""
+        return float(self._decay())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average toward ``model``'s current weights (same architecture as at construction)."""
-        decay = self.current_decay()
+        """Move the average toward ``model``'s current weights (same architecture as at construction).
+
+        No host sync: with warmup the decay stays a device tensor, cast once per parameter dtype (a tensor
+        weight of ``torch.Tensor.lerp_`` must have the parameter's dtype)."""
+        weight = 1.0 - self._decay()  # formed in float32 (a float32 decay like 0.999 is 1.0 in bfloat16)
         params, avg = dict(model.named_parameters()), dict(self.module.named_parameters())
         if params.keys() != avg.keys():
             raise ValueError("model has different parameters than the one this EMA was built from")
+        weights: dict[torch.dtype, float | torch.Tensor] = {}
         for name, p in params.items():
-            avg[name].lerp_(p.detach().to(avg[name].dtype), 1.0 - decay)
+            q = avg[name]
+            if q.dtype not in weights:
+                weights[q.dtype] = weight.to(q.dtype) if isinstance(weight, torch.Tensor) else weight
+            q.lerp_(p.detach().to(q.dtype), weights[q.dtype])
         for b, b_avg in zip(model.buffers(), self.module.buffers(), strict=True):
             b_avg.copy_(b)
         self.num_updates += 1

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ttfm_kernels.ops.residual.reference import per_sample
+from ttfm_kernels._per_sample import per_sample
 
 __all__ = ["interpolate", "resolve_sigma"]
 

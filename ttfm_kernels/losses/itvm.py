@@ -7,28 +7,29 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ttfm_kernels._per_sample import per_sample, reduce_per_sample
 from ttfm_kernels.flow.time_sampling import TimeSampler
 from ttfm_kernels.jvp import jvp_t
-from ttfm_kernels.losses._common import prepare, repeat_cond, squared_error
+from ttfm_kernels.losses._common import loss_stats, prepare, repeat_cond, squared_error
 from ttfm_kernels.ops.residual import flow_map_step, itvm_residual_loss
-from ttfm_kernels.ops.residual.reference import per_sample, reduce_per_sample
 
 __all__ = ["TARGETS", "itvm_loss"]
 
 TARGETS = ("jvp", "euler", "fd")
 
 
-def itvm_loss(student: nn.Module, teacher: nn.Module, ema: nn.Module, x1: torch.Tensor, *,
-              cond: Mapping[str, object] | None = None, x0: torch.Tensor | None = None,
-              s: torch.Tensor | None = None, t: torch.Tensor | None = None, sigma: float | None = None,
-              target: str = "jvp", delta: float = 0.1, lambda_init: float = 1.0, lambda_term: float = 1.0,
-              terminal_init: bool = False, weight: torch.Tensor | None = None, reduction: str = "mean",
-              time_sampler: TimeSampler | None = None,
-              backend: str = "auto") -> tuple[torch.Tensor, dict[str, object]]:
+def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: nn.Module | None = None,
+              cond: Mapping[str, object] | None = None, teacher_cond: Mapping[str, object] | None = None,
+              x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
+              sigma: float | None = None, weight: torch.Tensor | None = None, reduction: str = "mean",
+              time_sampler: TimeSampler | None = None, backend: str = "auto", target: str = "jvp",
+              delta: float = 0.1, lambda_init: float = 1.0, lambda_term: float = 1.0,
+              terminal_init: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ITVM loss: lambda_init E w |u(x_s, s, s) - v(x_s, s)|^2 + lambda_term E w |u(x_s, s, t) - sg(target_T)|^2.
 
-    student, ema: u(x, s, t, **cond) (``ema`` is the EMA copy theta^-; passing the student itself is allowed);
-    teacher: v(x, t, **cond). x1: data (B, ...). target_T (computed without a graph):
+    student, ema: u(x, s, t, **cond) (``ema`` is the EMA copy theta^-; None: the student itself, run without a
+    graph); teacher: v(x, t, **cond), its calls with ``teacher_cond`` merged into ``cond``. x1: data (B, ...).
+    target_T (computed without a graph):
       "jvp" (default): v(phi^-, t) - (t - s) du^-/dt, phi^- = x_s + (t - s) u^-, one JVP of the EMA;
       "euler": (1 - delta) u^-(x_s, s, t') + delta v(phi'^-, t'), t' = t - delta (t - s), no JVP; the term is
         weighted by 1/delta so its gradient matches "jvp" (MATH.md section 2);
@@ -37,16 +38,18 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, ema: nn.Module, x1: torch.
     phi'^- (r = t') for "euler", reusing the teacher call. Times, noise, weights, sigma and ``reduction`` as in
     every loss (``ttfm_kernels.losses``). The two student calls are one batched forward, the two teacher calls
     one batched no-grad forward; the loss is ``itvm_residual_loss`` (``backend`` selects its kernel).
-    Returns (loss, stats) with stats["init"], stats["term"] the unweighted mean squared residuals.
+    Returns (loss, stats): stats "loss", "init" and "term" (the unweighted mean squared residuals), "gap" (mean
+    t - s) and, with ``terminal_init``, "terminal_init", all detached 0-dim tensors computed without a host sync.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if target != "jvp" and not 0.0 < delta <= 1.0:
         raise ValueError(f"delta must be in (0, 1] for target {target!r}, got {delta!r}")
     b = prepare(x1, {"student": student, "teacher": teacher, "ema": ema}, sigma_from=teacher, pair=True,
-                cond=cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight, reduction=reduction,
-                time_sampler=time_sampler)
+                cond=cond, teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight,
+                reduction=reduction, time_sampler=time_sampler)
     xs, s, t, n = b.xs, b.s, b.t, b.size
+    ema = ema if ema is not None else student
     cond2 = repeat_cond(b.cond, n, 2)
     with torch.no_grad():
         if target == "jvp":
@@ -61,7 +64,8 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, ema: nn.Module, x1: torch.
                 u_ema, u_prime = ema(torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([t, t_prime]),
                                      **cond2).chunk(2)
                 end, t_end = flow_map_step(xs, u_ema, s, t, backend=backend), t
-        v_s, v_end = teacher(torch.cat([xs, end]), torch.cat([s, t_end]), **cond2).chunk(2)
+        v_s, v_end = teacher(torch.cat([xs, end]), torch.cat([s, t_end]),
+                             **repeat_cond(b.teacher_cond, n, 2)).chunk(2)
         if target == "jvp":
             target_a, target_b, coef = v_end, du_ema, s - t
         elif target == "euler":
@@ -77,13 +81,11 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, ema: nn.Module, x1: torch.
     loss = itvm_residual_loss(u_st, u_ss, v_s, target_a, target_b, coef, weight=b.weight, lambda_init=lambda_init,
                               lambda_term=lambda_t, reduction="none" if terminal_init else reduction,
                               backend=backend)
-    stats: dict[str, object] = {}
+    with torch.no_grad():
+        r_term = u_st - (target_a + per_sample(coef, u_st) * target_b)
+        measured = {"init": squared_error(u_ss - v_s, None, "mean"), "term": squared_error(r_term, None, "mean")}
     if terminal_init:
         extra = squared_error(u_end - v_end, b.weight, "none")
         loss = reduce_per_sample(loss + lambda_init * extra, None, reduction)
-        stats["terminal_init"] = float(squared_error(u_end.detach() - v_end, None, "mean"))
-    with torch.no_grad():
-        r_term = u_st - (target_a + per_sample(coef, u_st) * target_b)
-        stats.update(loss=float(loss.detach().mean()), init=float(squared_error(u_ss - v_s, None, "mean")),
-                     term=float(squared_error(r_term, None, "mean")), gap=float((t - s).mean()), sigma=b.sigma)
-    return loss, stats
+        measured["terminal_init"] = squared_error(u_end.detach() - v_end, None, "mean")
+    return loss, loss_stats(loss, b, **measured)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ttfm_kernels._checks import check_model_input
 from ttfm_kernels.models import _tangent
 from ttfm_kernels.models._tangent import Opt
 from ttfm_kernels.models.distributed import check_fsdp_forward_jvp
@@ -63,15 +64,6 @@ class Conditioning(nn.Module):
         return c + self.label_embed(y.to(c.device)), tc
 
 
-def _check_call(x: torch.Tensor, channels: int, size: int, **times: torch.Tensor) -> None:
-    if x.dim() != 4 or x.shape[1:] != (channels, size, size):
-        raise ValueError(f"x must have shape (B, {channels}, {size}, {size}), got {tuple(x.shape)}")
-    for name, t in times.items():
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a floating tensor of shape (B,) = ({x.shape[0]},), "
-                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-
-
 class ImageFlowModel(nn.Module):
     """Base of the image teachers and students: ``config``, ``sigma``, ``null_class``, ``from_preset``.
 
@@ -103,7 +95,7 @@ class ImageFlowModel(nn.Module):
              tangents: tuple[Opt, ...]) -> tuple[torch.Tensor, Opt]:
         """(out, tangent) for times (t,) or (s, t) and tangents (tx, tt) or (tx, ts, tt), None = zero."""
         primals = dict(zip(("s", "t") if self.two_time else ("t",), times, strict=True))
-        _check_call(x, self.in_channels, self.image_size, **primals)
+        check_model_input(x, (self.in_channels, self.image_size, self.image_size), **primals)
         tx, *ttimes = tangents
         ttimes = {f"t{name}": tan for name, tan in zip(primals, ttimes, strict=True)}
         _tangent.check({"x": x, **primals}, {"tx": tx, **ttimes})

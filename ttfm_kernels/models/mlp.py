@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ttfm_kernels._checks import check_model_input
 from ttfm_kernels.models import _tangent
 from ttfm_kernels.models._tangent import Opt
 from ttfm_kernels.models.distributed import check_fsdp_forward_jvp
@@ -71,7 +72,7 @@ class _MLPBase(nn.Module):
              tangents: tuple[Opt, ...]) -> tuple[torch.Tensor, Opt]:
         """(out, tangent) for times (t,) or (s, t) and tangents (tx, tt) or (tx, ts, tt)."""
         primals = dict(zip(("s", "t")[-len(times):], times, strict=True))
-        _check_call(x, self.dim, **primals)
+        check_model_input(x, (self.dim,), **primals)
         tx, *ttimes = tangents
         ttimes = {f"t{name}": tan for name, tan in zip(primals, ttimes, strict=True)}
         _tangent.check({"x": x, **primals}, {"tx": tx, **ttimes})
@@ -86,14 +87,6 @@ class _MLPBase(nn.Module):
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         kwargs = {"dim": 2, **cls.PRESETS[name], **overrides}
         return cls(**kwargs)
-
-
-def _check_call(x: torch.Tensor, dim: int, **times: torch.Tensor) -> None:
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"x must have shape (B, {dim}), got {tuple(x.shape)}")
-    for name, t in times.items():
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"{name} must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
 
 
 class MLP(_MLPBase):

@@ -103,7 +103,7 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
 
     def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
         if loss == "itvm":
-            value, stats = itvm_loss(m, teacher, ema, x1, target=target, time_sampler=sampler, reduction=reduction)
+            value, stats = itvm_loss(m, teacher, x1, ema=ema, target=target, time_sampler=sampler, reduction=reduction)
         elif loss == "lfmd":
             value, stats = lfmd_loss(m, teacher, x1, time_sampler=sampler, reduction=reduction)
         else:  # the student's own JVP (ema=None), as in MeanFlow-style EMD

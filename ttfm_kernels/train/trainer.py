@@ -41,7 +41,8 @@ from ttfm_kernels.train.data import PointData
 __all__ = ["LossFn", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything"]
 
 LossFn = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
-"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, D) batch of data points."""
+"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, D) batch of data points; stats maps names to 0-dim
+tensors (as the losses return them) or numbers, converted to Python numbers only when a log line is written."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -22,6 +22,7 @@ from torch.autograd import forward_ad as fwAD
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
+from ttfm_kernels._per_sample import REDUCTIONS
 from ttfm_kernels.ops.residual.reference import (
     flow_map_step_reference,
     itvm_residual_loss_reference,
@@ -40,7 +41,6 @@ _RESIDUAL = OpBackends("itvm_residual_loss", {
     "cpu": ext_kernel("itvm_residual_loss_fwd", "CPU", _FLOAT),
     "cuda": ext_kernel("itvm_residual_loss_fwd", "CUDA", _FLOAT),
 }, gpu_order=("cuda",))
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _autodiff_transform(*tensors: torch.Tensor | None) -> bool:
@@ -127,8 +127,8 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
     check_per_sample("coef", coef, u_st.shape[0], "u_st", u_st)
     if weight is not None:
         check_per_sample("weight", weight, u_st.shape[0], "u_st", u_st)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, tensor in (("v_s", v_s), ("target_a", target_a), ("target_b", target_b), ("coef", coef),
                          ("weight", weight)):
         if tensor is not None and tensor.requires_grad:

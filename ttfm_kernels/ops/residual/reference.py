@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flow_map_step_reference", "itvm_residual_loss_reference", "per_sample", "reduce_per_sample"]
+from ttfm_kernels._per_sample import per_sample, reduce_per_sample
 
-
-def per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View a (B,) tensor as (B, 1, ..., 1) so it broadcasts against ``like`` (B, ...)."""
-    return t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+__all__ = ["flow_map_step_reference", "itvm_residual_loss_reference"]
 
 
 def flow_map_step_reference(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """X_{s,t}(x) = x + (t - s) u with per-sample times. x, u: (B, ...); s, t: (B,). Differentiable."""
     return x + per_sample(t - s, x).to(x.dtype) * u
-
-
-def reduce_per_sample(l_b: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """Apply per-sample weights and the reduction of MATH.md section 1 to per-sample losses l_b (B,)."""
-    if weight is not None:
-        l_b = l_b * weight.to(l_b.dtype)
-    if reduction == "mean":
-        return l_b.mean()
-    if reduction == "sum":
-        return l_b.sum()
-    return l_b
 
 
 def itvm_residual_loss_reference(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor,
