@@ -108,3 +108,17 @@ def check(primals: Mapping[str, torch.Tensor], tangents: Mapping[str, Opt]) -> N
     for (name, primal), (tname, tangent) in zip(primals.items(), tangents.items(), strict=True):
         if tangent is not None:
             check_like(tname, tangent, name, primal)
+
+
+class TangentModule(nn.Module):
+    """A model layer written once, as ``_jvp(*primals, **tangents) -> (y, ty)`` with every tangent defaulting
+    to None: ``forward(*primals)`` is its primal, ``forward_jvp(*primals, **tangents)`` the explicit pass."""
+
+    def _jvp(self, *primals: torch.Tensor, **tangents: Opt) -> tuple[torch.Tensor, Opt]:
+        raise NotImplementedError
+
+    def forward(self, *primals: torch.Tensor) -> torch.Tensor:
+        return self._jvp(*primals)[0]
+
+    def forward_jvp(self, *primals: torch.Tensor, **tangents: Opt) -> tuple[torch.Tensor, Opt]:
+        return self._jvp(*primals, **tangents)

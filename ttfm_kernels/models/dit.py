@@ -67,23 +67,17 @@ def _rows(pair: tuple[torch.Tensor, Opt]) -> tuple[torch.Tensor, Opt]:
     return _tangent.map_pair(lambda v: v[:, None], *pair)
 
 
-class _Mlp(nn.Module):
+class _Mlp(_tangent.TangentModule):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, tx)
-
-    def _jvp(self, x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.gelu_tanh(*_tangent.call(self.fc1, x, tx=tx))
         return _tangent.call(self.fc2, h, tx=th)
 
 
-class _DiTBlock(nn.Module):
+class _DiTBlock(_tangent.TangentModule):
     """(x (B, N, hidden), c (B, hidden)) -> (B, N, hidden); ``forward_jvp`` adds the tangents tx, tc."""
 
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float) -> None:
@@ -94,14 +88,8 @@ class _DiTBlock(nn.Module):
         self.mlp = _Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = _adaln(hidden, 6)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, c, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, c: torch.Tensor, *, tx: Opt = None,
-                    tc: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, c, tx, tc)
-
-    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt, tc: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN_modulation, c, tc, 6)
         for norm, layer, shift, scale, gate in ((self.norm1, self.attn, shift1, scale1, gate1),
                                                 (self.norm2, self.mlp, shift2, scale2, gate2)):
@@ -111,7 +99,7 @@ class _DiTBlock(nn.Module):
         return x, tx
 
 
-class _FinalLayer(nn.Module):
+class _FinalLayer(_tangent.TangentModule):
     def __init__(self, hidden: int, out_dim: int) -> None:
         super().__init__()
         self.norm_final = ModulatedLayerNorm(hidden, eps=1e-6, elementwise_affine=False, activation=None)
@@ -120,20 +108,14 @@ class _FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
         self.adaLN_modulation = _adaln(hidden, 2)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, c, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, c: torch.Tensor, *, tx: Opt = None,
-                    tc: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, c, tx, tc)
-
-    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt, tc: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         shift, scale = _modulation(self.adaLN_modulation, c, tc, 2)
         h, th = _tangent.call(self.norm_final, x, scale[0], shift[0], tx=tx, tscale=scale[1], tshift=shift[1])
         return _tangent.call(self.linear, h, tx=th)
 
 
-class _DiTBody(nn.Module):
+class _DiTBody(_tangent.TangentModule):
     """(x (B, C, H, W), c (B, hidden)) -> (B, C, H, W); ``forward_jvp`` adds the tangents tx, tc."""
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int, hidden_size: int, depth: int,
@@ -148,20 +130,14 @@ class _DiTBody(nn.Module):
         self.blocks = nn.ModuleList(_DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = _FinalLayer(hidden_size, patch_size * patch_size * in_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, c, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, c: torch.Tensor, *, tx: Opt = None,
-                    tc: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, c, tx, tc)
-
     def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         """(B, grid * grid, p * p * C) -> (B, C, H, W)."""
         batch, p, g = h.shape[0], self.patch_size, self.grid
         h = h.reshape(batch, g, g, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(batch, self.channels, g * p, g * p)
 
-    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt, tc: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.map_pair(lambda e: e.flatten(2).transpose(1, 2),
                                   *_tangent.call(self.x_embedder, x, tx=tx))
         h = h + self.pos_embed

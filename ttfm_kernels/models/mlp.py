@@ -25,21 +25,15 @@ from ttfm_kernels.nn import Linear
 __all__ = ["MLP", "TwoTimeMLP"]
 
 
-class _MLPBody(nn.Module):
+class _MLPBody(_tangent.TangentModule):
     def __init__(self, dim: int, hidden: int, depth: int):
         super().__init__()
         self.in_proj = Linear(dim, hidden)
         self.blocks = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth))
         self.out_proj = Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, cond, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, cond: torch.Tensor, *, tx: Opt = None,
-                    tcond: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, cond, tx, tcond)
-
-    def _jvp(self, x: torch.Tensor, cond: torch.Tensor, tx: Opt, tcond: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, cond: torch.Tensor, tx: Opt = None,
+             tcond: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.add(*_tangent.call(self.in_proj, x, tx=tx), cond, tcond)
         for block in self.blocks:
             a, ta = _tangent.silu(h, th)

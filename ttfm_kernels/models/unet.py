@@ -38,7 +38,7 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class _ResBlock(nn.Module):
+class _ResBlock(_tangent.TangentModule):
     """(x (B, in_ch, H, W), SiLU(c) (B, cond_dim)) -> (B, out_ch, H, W); ``forward_jvp`` adds tangents tx, tc."""
 
     def __init__(self, in_ch: int, out_ch: int, cond_dim: int, groups: int) -> None:
@@ -50,14 +50,8 @@ class _ResBlock(nn.Module):
         self.conv2 = _zero(Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, c_act, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, c_act: torch.Tensor, *, tx: Opt = None,
-                    tc: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, c_act, tx, tc)
-
-    def _jvp(self, x: torch.Tensor, c_act: torch.Tensor, tx: Opt, tc: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, c_act: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.call(self.norm1, x, tx=tx)
         h, th = _tangent.call(self.conv1, h, tx=th)
         film, tfilm = _tangent.call(self.emb_proj, c_act, tx=tc)
@@ -68,7 +62,7 @@ class _ResBlock(nn.Module):
         return _tangent.add(*_tangent.call(self.skip, x, tx=tx), h, th)
 
 
-class _AttnBlock(nn.Module):
+class _AttnBlock(_tangent.TangentModule):
     """x + Attention(GroupNorm(x)) over the H * W positions; ``forward_jvp`` adds the tangent tx."""
 
     def __init__(self, channels: int, groups: int, num_heads: int) -> None:
@@ -76,13 +70,7 @@ class _AttnBlock(nn.Module):
         self.norm = ModulatedGroupNorm(groups, channels, activation=None)
         self.attn = Attention(channels, num_heads, qkv_bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, tx)
-
-    def _jvp(self, x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
         batch, channels, height, width = x.shape
         h, th = _tangent.map_pair(lambda e: e.flatten(2).transpose(1, 2), *_tangent.call(self.norm, x, tx=tx))
         h, th = _tangent.call(self.attn, h, tx=th)  # (B, H * W, C)
@@ -90,23 +78,17 @@ class _AttnBlock(nn.Module):
         return _tangent.add(x, tx, h, th)
 
 
-class _Upsample(nn.Module):
+class _Upsample(_tangent.TangentModule):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, tx)
-
-    def _jvp(self, x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.map_pair(lambda e: F.interpolate(e, scale_factor=2, mode="nearest"), x, tx)
         return _tangent.call(self.conv, h, tx=th)
 
 
-class _UNetBody(nn.Module):
+class _UNetBody(_tangent.TangentModule):
     """(x (B, C, H, W), c (B, cond_dim)) -> (B, C, H, W); ``forward_jvp`` adds the tangents tx, tc."""
 
     def __init__(self, image_size: int, in_channels: int, channels: int, channel_mult: tuple[int, ...],
@@ -147,14 +129,8 @@ class _UNetBody(nn.Module):
             return _tangent.call(layer, h, c_act, tx=th, tc=tc)
         return _tangent.call(layer, h, tx=th)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self._jvp(x, c, None, None)[0]
-
-    def forward_jvp(self, x: torch.Tensor, c: torch.Tensor, *, tx: Opt = None,
-                    tc: Opt = None) -> tuple[torch.Tensor, Opt]:
-        return self._jvp(x, c, tx, tc)
-
-    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt, tc: Opt) -> tuple[torch.Tensor, Opt]:
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         c_act, tc = _tangent.silu(c, tc)
         h, th = _tangent.call(self.conv_in, x, tx=tx)
         skips = [(h, th)]
