@@ -115,3 +115,13 @@ def test_emd_and_lfmd_losses_compile_with_fullgraph(device):
     _check_step(lambda x1, x0: emd_loss(student, teacher, x1, ema=ema, x0=x0), student, x1, x0)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         _check_step(lambda x1, x0: lfmd_loss(student, teacher, x1, x0=x0), student, x1, x0)
+
+
+def test_extension_registry_query_is_a_constant_of_the_graph():
+    from ttfm_kernels import _ext
+
+    def fn(x):
+        return x + 1 if _ext.has_kernel("norm_modulate_jvp", "CPU") else x - 1
+
+    x = torch.zeros(3)
+    assert torch.equal(_compile(fn)(x), fn(x))
