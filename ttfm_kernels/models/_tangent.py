@@ -12,7 +12,6 @@ with a tangent it calls the module's ``forward_jvp``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -21,11 +20,10 @@ from torch import nn
 
 from ttfm_kernels._checks import check_like
 
-__all__ = ["Opt", "add", "call", "cat", "check", "gelu_tanh", "map_pair", "mul", "silu", "sub", "unpack"]
+__all__ = ["Opt", "TangentModule", "add", "add_mul", "call", "cat", "check", "gelu_tanh", "map_pair", "silu", "sub",
+           "unpack"]
 
 Opt = torch.Tensor | None
-_GELU_K = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
 
 
 def call(module: nn.Module, *primals: object, **tangents: Opt) -> tuple[torch.Tensor, Opt]:
@@ -60,12 +58,6 @@ def sub(a: torch.Tensor, ta: Opt, b: torch.Tensor, tb: Opt) -> tuple[torch.Tenso
     return a - b, -tb if ta is None else ta - tb
 
 
-def mul(a: torch.Tensor, ta: Opt, b: torch.Tensor, tb: Opt) -> tuple[torch.Tensor, Opt]:
-    """a * b (broadcasting) and its tangent ta * b + a * tb, skipping absent terms."""
-    terms = [t for t in (None if ta is None else ta * b, None if tb is None else a * tb) if t is not None]
-    return a * b, (terms[0] + terms[1] if len(terms) == 2 else terms[0] if terms else None)
-
-
 def cat(pairs: list[tuple[torch.Tensor, Opt]], dim: int) -> tuple[torch.Tensor, Opt]:
     """torch.cat of the primals and of the tangents (zeros stand in for absent ones, if any is present)."""
     y = torch.cat([p for p, _ in pairs], dim=dim)
@@ -75,22 +67,28 @@ def cat(pairs: list[tuple[torch.Tensor, Opt]], dim: int) -> tuple[torch.Tensor, 
 
 
 def silu(x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
-    """SiLU and its tangent: d/dx x sigmoid(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
+    """SiLU and its tangent: silu'(x) = y + sigmoid(x) (1 - y) with y = silu(x). (torch's silu_backward kernel
+    has no derivative of its own: LFMD differentiates this tangent.)"""
     y = F.silu(x)
-    if tx is None:
-        return y, None
-    sig = torch.sigmoid(x)
-    return y, tx * (sig * (1 + x * (1 - sig)))
+    return y, None if tx is None else tx * (y + torch.sigmoid(x) * (1 - y))
 
 
 def gelu_tanh(x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
-    """GELU (tanh approximation, as ``nn.GELU(approximate="tanh")``) and its tangent."""
+    """GELU (tanh approximation, as ``nn.GELU(approximate="tanh")``) and its tangent tx * gelu'(x), one op
+    (torch's gelu backward kernel, which is itself differentiable)."""
     y = F.gelu(x, approximate="tanh")
-    if tx is None:
-        return y, None
-    th = torch.tanh(_GELU_K * (x + _GELU_C * x ** 3))
-    slope = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_K * (1 + 3 * _GELU_C * x * x)
-    return y, tx * slope
+    return y, None if tx is None else torch.ops.aten.gelu_backward(tx, x, approximate="tanh")
+
+
+def add_mul(x: torch.Tensor, tx: Opt, a: torch.Tensor, ta: Opt, b: torch.Tensor,
+            tb: Opt) -> tuple[torch.Tensor, Opt]:
+    """x + a * b (broadcasting; a gated residual) and its tangent tx + ta * b + a * tb, in addcmul passes."""
+    y = torch.addcmul(x, a, b)
+    ty = tx
+    for u, v in ((ta, b), (a, tb)):
+        if u is not None and v is not None:
+            ty = u * v if ty is None else torch.addcmul(ty, u, v)
+    return y, ty
 
 
 def unpack(tangents: Mapping[str, Opt] | None, names: tuple[str, ...]) -> tuple[Opt, ...]:

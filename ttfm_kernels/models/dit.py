@@ -95,7 +95,7 @@ class _DiTBlock(_tangent.TangentModule):
                                                 (self.norm2, self.mlp, shift2, scale2, gate2)):
             h, th = _tangent.call(norm, x, scale[0], shift[0], tx=tx, tscale=scale[1], tshift=shift[1])
             h, th = _tangent.call(layer, h, tx=th)
-            x, tx = _tangent.add(x, tx, *_tangent.mul(*_rows(gate), h, th))
+            x, tx = _tangent.add_mul(x, tx, *_rows(gate), h, th)
         return x, tx
 
 
