@@ -12,6 +12,9 @@ op is torch's own norm + modulation + SiLU when a graph is needed, else the kern
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -20,7 +23,7 @@ from ttfm_kernels._checks import check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
-__all__ = ["jvp_norm_modulate_silu", "norm_modulate_silu"]
+__all__ = ["group_norm_jvp", "jvp_norm_modulate_silu", "layer_norm_jvp", "norm_modulate_silu"]
 
 _FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
@@ -204,3 +207,38 @@ def norm_modulate_silu(x: torch.Tensor, scale: Opt = None, shift: Opt = None, *,
     _validate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, activation)
     y, ty = _norm_modulate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
     return y if ty is None else fwAD.make_dual(y, ty)
+
+
+def _flat(t: Opt, shape: tuple[int, ...]) -> Opt:
+    return None if t is None else t.reshape(shape)
+
+
+def layer_norm_jvp(x: torch.Tensor, tx: Opt, normalized_shape: Sequence[int], weight: Opt = None,
+                   bias: Opt = None, eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.layer_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (..., *normalized_shape), viewed as the op's (1, rows, C) LayerNorm form with C = prod(normalized_shape);
+    weight, bias: ``normalized_shape`` or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.layer_norm(x, normalized_shape, weight, bias, eps), (x,), (tx,))``.
+    """
+    channels = math.prod(normalized_shape)
+    rows = (1, -1, channels)
+    y, ty = jvp_norm_modulate_silu(_flat(x, rows), _flat(tx, rows), weight=_flat(weight, (channels,)),
+                                   bias=_flat(bias, (channels,)), eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)
+
+
+def group_norm_jvp(x: torch.Tensor, tx: Opt, num_groups: int, weight: Opt = None, bias: Opt = None,
+                   eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.group_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (N, C, *) with any number of spatial dims (none included), viewed as the op's (N, C, L, 1) GroupNorm
+    form; weight, bias: (C,) or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.group_norm(x, num_groups, weight, bias, eps), (x,), (tx,))``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) for group_norm, got {tuple(x.shape)}")
+    form = (x.shape[0], x.shape[1], -1, 1)
+    y, ty = jvp_norm_modulate_silu(x.reshape(form), _flat(tx, form), num_groups=num_groups, weight=weight,
+                                   bias=bias, eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)
