@@ -1,4 +1,4 @@
-"""Two-time students u(x, s, t) made from an adapted diffusers teacher (docs/math.md, "Adapted teachers").
+"""Two-time students u(x, s, t) made from an adapted diffusers teacher (docs/math.md, "Two-time students").
 
 ``two_time(teacher)`` deep-copies the teacher's model and adds a zero-initialised embedding of (t - s) onto the
 model's own time embedding, wherever the model uses it; the teacher's conversion (time change, x scaling,
@@ -32,7 +32,9 @@ __all__ = ["CONFIG_NAME", "EMBEDDING_NAME", "TwoTimeStudent", "load_two_time", "
 
 CONFIG_NAME = "two_time.json"
 EMBEDDING_NAME = "two_time_embedding.safetensors"
-_FREQ_DIM = 256  # sinusoidal features of (t - s), scaled by 1000 as in DiT / ADM (models.embeddings)
+# 64 sinusoidal features of 1.0 * (t - s): frequencies <= 1 keep d/dt of the embedding small (with DiT's 1000 the
+# ITVM "jvp" target, which holds (t - s) du/dt of the EMA, grew without bound within 200 steps in the example)
+_FREQ_DIM, _SCALE = 64, 1.0
 _FORMAT = 1
 
 
@@ -91,7 +93,7 @@ class TwoTimeStudent(Conversion):
     ``model``: the network (a copy of the teacher's, made by ``two_time``); ``sites``: the names of its
     submodules whose (B, D) outputs get ``delta_embedding(t - s)`` added (a forward hook each, active only inside
     this module's ``forward``: ``self.model`` called on its own is the base model). ``delta_embedding`` is a
-    ``models.TimeEmbedding`` (256 sinusoidal features of 1000 (t - s), Linear, SiLU, Linear) with its output
+    ``models.TimeEmbedding`` (64 sinusoidal features of t - s, Linear, SiLU, Linear) with its output
     layer zeroed, in the model's first parameter's dtype and device.
 
     x: (B, ...) in the model's dtype; s, t: (B,) float (computed in at least float32, float64 if x is). Returns
@@ -108,7 +110,7 @@ class TwoTimeStudent(Conversion):
         if len(dims) != 1:
             raise ValueError(f"the time-embedding submodules {self.sites} have different widths {sorted(dims)}")
         param = next(model.parameters())
-        self.delta_embedding = TimeEmbedding(dims.pop(), _FREQ_DIM).to(param.device, param.dtype)
+        self.delta_embedding = TimeEmbedding(dims.pop(), _FREQ_DIM, scale=_SCALE).to(param.device, param.dtype)
         with torch.no_grad():
             self.delta_embedding.mlp[-1].weight.zero_()
             self.delta_embedding.mlp[-1].bias.zero_()
