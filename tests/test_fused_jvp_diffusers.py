@@ -124,7 +124,7 @@ def test_itvm_step_equals_the_all_reference_path(kind):
     times = {"s": torch.tensor([0.1, 0.4]), "t": torch.tensor([0.6, 0.9]), "x0": torch.randn_like(x)}
 
     def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        loss, _ = itvm_loss(student, teacher, student, x, cond=cond, **times)
+        loss, _ = itvm_loss(student, teacher, x, cond=cond, **times)
         params = [p for p in student.parameters() if p.requires_grad]
         return loss, torch.autograd.grad(loss, params, allow_unused=True)
 

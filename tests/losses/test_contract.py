@@ -2,6 +2,7 @@
 loss drew itself, conditioning batched recursively, and teacher-only conditioning."""
 
 import inspect
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -122,11 +123,17 @@ def test_no_host_sync_on_drawn_values(name, sampler, host_reads):
     assert host_reads, "user-given times are validated on the host (finite, s <= t)"
 
 
+class Pair(NamedTuple):
+    offset: torch.Tensor
+    table: torch.Tensor
+
+
 class _NestedCond(nn.Module):
     """Wraps a TwoTimeNet (two-time) or VelocityNet (one time) taking diffusers-style nested conditioning:
-    ``y`` (B,), ``added_cond_kwargs={"text_embeds": (B, E), "time_ids": [(B, 2), (B,)]}``, ``pair=((B, 1), shared)``
-    with ``shared`` (5, E) a table of another size, and ``flag``. Uses every batched tensor, so a wrong batch
-    size cannot broadcast; records the conditioning of each call."""
+    ``y`` (B,), ``added_cond_kwargs={"text_embeds": (B, E), "time_ids": [(B, 2), (B,)]}``,
+    ``pair=Pair((B, 1), (5, E))`` (a named tuple holding a table of another size, shared by the whole batch) and
+    ``flag``. Uses every batched tensor, so a wrong batch size cannot broadcast; records each call's conditioning.
+    """
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -147,7 +154,7 @@ def _nested(batch: int) -> dict[str, object]:
             "added_cond_kwargs": {"text_embeds": torch.randn(batch, 6, dtype=DTYPE, generator=g),
                                   "time_ids": [torch.randn(batch, 2, dtype=DTYPE, generator=g),
                                                torch.randn(batch, dtype=DTYPE, generator=g)]},
-            "pair": (torch.randn(batch, 1, dtype=DTYPE, generator=g), torch.randn(5, 6, dtype=DTYPE, generator=g)),
+            "pair": Pair(torch.randn(batch, 1, dtype=DTYPE, generator=g), torch.randn(5, 6, dtype=DTYPE, generator=g)),
             "flag": True}
 
 
@@ -158,7 +165,7 @@ def _assert_repeated(seen: dict[str, object], cond: dict[str, object]) -> None:
     assert seen["batch"] == reps * N and reps in (1, 2, 3)
     assert torch.equal(seen["y"], cond["y"].repeat(reps))
     got, want = seen["added_cond_kwargs"], cond["added_cond_kwargs"]
-    assert isinstance(got, dict) and isinstance(got["time_ids"], list) and isinstance(seen["pair"], tuple)
+    assert isinstance(got, dict) and isinstance(got["time_ids"], list) and isinstance(seen["pair"], Pair)
     assert torch.equal(got["text_embeds"], want["text_embeds"].repeat(reps, 1))
     assert torch.equal(got["time_ids"][0], want["time_ids"][0].repeat(reps, 1))
     assert torch.equal(got["time_ids"][1], want["time_ids"][1].repeat(reps))

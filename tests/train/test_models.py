@@ -44,7 +44,7 @@ def test_bad_call_shapes_are_named():
     u = TwoTimeMLP.from_preset("tiny")
     with pytest.raises(ValueError, match="x must have shape"):
         u(torch.randn(4, 3), torch.rand(4), torch.rand(4))
-    with pytest.raises(ValueError, match="t must have shape"):
+    with pytest.raises(ValueError, match=r"t must be a floating tensor of shape \(B,\)"):
         u(torch.randn(4, 2), torch.rand(4), torch.rand(3))
 
 
