@@ -9,7 +9,8 @@ Where the (t - s) embedding is added (the output of each named submodule, by a f
   - ``UNet2DModel``, ``UNet2DConditionModel``: ``time_embedding`` (before class / text embeddings are added);
   - ``DiTTransformer2DModel``: every ``transformer_blocks.{i}.norm1.emb``: each block embeds its own adaLN
     conditioning, and the output layer calls block 0's again, so the embedding reaches all num_layers + 1 uses;
-  - SD3-style transformers (``SD3Transformer2DModel``, Flux: a ``time_text_embed`` submodule): ``time_text_embed``;
+  - SD3-style transformers (a ``time_text_embed`` submodule: ``SD3Transformer2DModel``; Flux's has the same role,
+    untested): ``time_text_embed``;
   - any other model: ``time_embedding="<submodule name>"``, a submodule returning a (B, D) tensor.
 A wrapper holding one such model (e.g. an SD3 transformer behind a ``model(x, timestep, **cond)`` adapter) is
 searched for it. diffusers is imported only by ``load_two_time``.
