@@ -132,7 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a teacher into a two-time flow map u(x, s, t)",
                        description="Distill a teacher checkpoint into models.TwoTimeMLP, initialised from the "
                        "teacher so that u(x, s, t) = v(x, s) at the start.")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint file or run directory")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint file or run directory")
+    p.add_argument("--teacher-diffusers", metavar="DIR", default=None, help="instead of --teacher: a diffusers "
+                   "model saved with save_pretrained (local files only), adapted by adapters.Teacher; the student "
+                   "is adapters.two_time of it, trained on --data (reshaped to the model's sample shape) and saved "
+                   "with save_pretrained to OUT/student. With --prediction and/or --scheduler-dir (a saved "
+                   "scheduler: VP models need one)")
+    p.add_argument("--prediction", default=None, help="with --teacher-diffusers: what the model predicts, one of "
+                   "velocity, flow, epsilon, v_prediction, sample (default: the scheduler's)")
+    p.add_argument("--scheduler-dir", default=None, help="with --teacher-diffusers: the model's saved scheduler")
     p.add_argument("--loss", default="itvm", help=f"distillation loss: {', '.join(LOSSES)} (default %(default)s)")
     p.add_argument("--target", default="jvp", help=f"ITVM terminal target: {', '.join(TARGETS)} "
                    "(default %(default)s)")
@@ -181,9 +189,51 @@ def _cmd_train_teacher(a: argparse.Namespace) -> None:
     _print_summary("teacher", summary, a.out)
 
 
+def _distill_diffusers(a: argparse.Namespace) -> None:
+    """``ttfm distill --teacher-diffusers DIR``: adapters.two_time of the diffusers teacher, trained by the shared
+    Trainer (checkpoints and log in --out), its EMA weights saved with save_pretrained to OUT/student."""
+    from ttfm_kernels.adapters import Teacher, two_time
+    from ttfm_kernels.flow import EMA, TimeSampler
+    from ttfm_kernels.losses import emd_loss, itvm_loss, lfmd_loss
+    from ttfm_kernels.train.trainer import Trainer
+
+    if a.teacher is not None or a.data is None or a.adaptive:
+        raise ValueError("--teacher-diffusers takes --data (the training images) and neither --teacher nor "
+                         "--adaptive")
+    teacher = Teacher.from_pretrained(a.teacher_diffusers, prediction=a.prediction, scheduler_dir=a.scheduler_dir)
+    teacher = teacher.to(a.device).requires_grad_(False)
+    config = teacher.model.config
+    size = config.sample_size
+    shape = (config.in_channels, *(size if isinstance(size, (list, tuple)) else (size, size)))
+    data = load_data(a.data)
+    if data.sample(1, torch.Generator()).numel() != int(np.prod(shape)):
+        raise ValueError(f"--data {a.data!r} holds {data.dim}-D points; the model's samples are {shape}")
+    student = two_time(teacher)
+    sampler = TimeSampler(marginal=a.time_sampling)
+    losses = {"itvm": lambda m, e, x1: itvm_loss(m, teacher, x1, ema=e, target=a.target, time_sampler=sampler),
+              "lfmd": lambda m, e, x1: lfmd_loss(m, teacher, x1, time_sampler=sampler),
+              "emd": lambda m, e, x1: emd_loss(m, teacher, x1, time_sampler=sampler)}
+    cfg = _train_config(a)
+    ema = EMA(student, decay=cfg.ema_decay)
+    run_config = {"kind": "two_time_student", "teacher_diffusers": str(a.teacher_diffusers),
+                  "prediction": teacher.prediction, "data": a.data, "loss": a.loss, "target": a.target}
+    trainer = Trainer(student, ema, lambda m, e, x1: losses[a.loss](m, e, x1.reshape(len(x1), *shape)), data, cfg,
+                      a.out, run_config=run_config, device=a.device, progress=not a.no_progress, desc=a.loss)
+    summary = trainer.fit(resume=a.resume)
+    student.load_state_dict(ema.module.state_dict())
+    saved = student.save_pretrained(Path(a.out) / "student")
+    _print_summary(f"distill ({a.loss}, diffusers)", summary, a.out)
+    print(f"wrote {saved} (the EMA student: diffusers {type(student.model).__name__} + two_time files; "
+          "load it with adapters.load_two_time(dir, teacher))")
+
+
 def _cmd_distill(a: argparse.Namespace) -> None:
     if a.loss not in LOSSES:
         raise ValueError(f"unknown loss {a.loss!r}; choose one of {', '.join(LOSSES)}")
+    if a.teacher_diffusers is not None:
+        return _distill_diffusers(a)
+    if a.teacher is None:
+        raise ValueError("pass --teacher (a checkpoint) or --teacher-diffusers (a saved diffusers model)")
     _, tconfig = load_model(a.teacher)
     spec = a.data or tconfig.get("data", "checkerboard")
     summary = distill(a.teacher, load_data(spec), spec, a.out, _train_config(a), loss=a.loss, target=a.target,

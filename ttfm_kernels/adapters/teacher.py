@@ -19,7 +19,7 @@ from torch import nn
 
 from ttfm_kernels._per_sample import per_sample
 
-__all__ = ["PREDICTIONS", "VP_PREDICTIONS", "Teacher"]
+__all__ = ["PREDICTIONS", "VP_PREDICTIONS", "Conversion", "Teacher"]
 
 VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 PREDICTIONS = ("velocity", "flow", *VP_PREDICTIONS)
@@ -60,59 +60,27 @@ def _unwrap(out: object) -> object:
     return out
 
 
-class Teacher(nn.Module):
-    """A model in another convention as a teacher v(x, t, **cond) of this library, with ``sigma = 1.0``.
-
-    ``prediction`` says what ``model(x, timestep, **cond)`` predicts:
-      - "velocity": this library's v already; v(x, t) = model(x, timestep_scale * t).
-      - "flow": diffusers' flow matching (FlowMatchEulerDiscreteScheduler, SD3, Flux): x = (1 - sigma_d) x1 +
-        sigma_d eps, prediction eps - x1, timestep = timestep_scale * sigma_d; v(x, t) = -model(x, ts (1 - t)).
-      - "epsilon", "v_prediction", "sample": a VP model, x_tau = alpha x1 + sigma_v eps with alpha^2 =
-        ``alphas_cumprod[tau]`` (the table of its integer training timesteps tau = 0 .. N - 1; ``timestep_scale``
-        does not apply: the timestep passed is the index tau). With sigma = 1: t = alpha / (alpha + sigma_v),
-        the model sees x_tau = x (alpha + sigma_v) at the timestep ``timestep(t)``, and
-        v = x1_hat - eps_hat from its prediction (docs/math.md, "Adapted teachers").
-    ``t_range = (t_min, t_max)`` is the interval of library time the model covers: (0, 1) for "velocity" and
-    "flow"; (t(abar_{N-1}), t(abar_0)) for VP, e.g. (0.0063, 0.990) for diffusers' 1000-step "linear" betas.
-    Every loss, time sampler, ``sample`` and ``ode_solve`` keep times inside it. Outside it the VP timestep is
-    extrapolated linearly from the end intervals of the table.
-
-    x: (B, ...) in the model's dtype; t: (B,) float (times computed in at least float32, float64 if x is).
-    Returns v with x's shape; the model output may be a tensor, have ``.sample`` or be a tuple (first item).
-    Eager equivalent: the formulas above on the model's output; no graph is cut (a loss calls it under no_grad).
+class Conversion(nn.Module):
+    """The conversion of a wrapped model's prediction into this library's velocity, shared by ``Teacher`` and the
+    two-time students of ``two_time``. ``model``, ``prediction``, ``timestep_scale``, ``t_range`` and the VP
+    table of library times are set by ``Teacher.__init__``, or copied from a teacher by ``copy_conversion``.
     """
 
     sigma = 1.0
+    model: nn.Module
+    prediction: str
+    timestep_scale: float | None
+    t_range: tuple[float, float]
+    _tables: dict[torch.device, torch.Tensor]
 
-    def __init__(self, model: nn.Module, prediction: str, *,
-                 alphas_cumprod: torch.Tensor | Sequence[float] | None = None, timestep_scale: float = 1000.0) -> None:
-        super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, timestep, **cond), got {type(model).__name__}")
-        self.model, self.prediction = model, prediction
-        self._tables: dict[torch.device, torch.Tensor] = {}
-        if prediction in VP_PREDICTIONS:
-            if alphas_cumprod is None:
-                raise ValueError(f"prediction={prediction!r} is a VP model: pass alphas_cumprod, the table "
-                                 "abar[tau] of its training timesteps (a diffusers scheduler's .alphas_cumprod)")
-            if timestep_scale != 1000.0:
-                raise ValueError("timestep_scale applies to 'velocity' and 'flow' models only: a VP model "
-                                 "receives the index into alphas_cumprod as its timestep")
-            times = _schedule_times(alphas_cumprod, prediction).flip(0)  # ascending in t: index N - 1 first
-            self._tables[times.device] = times
-            self.t_range = (float(times[0]), float(times[-1]))
-            self.timestep_scale = None
-        else:
-            if alphas_cumprod is not None:
-                raise ValueError(f"alphas_cumprod is for VP models (prediction in {VP_PREDICTIONS}); "
-                                 f"prediction={prediction!r} takes none")
-            if not (isinstance(timestep_scale, (int, float)) and math.isfinite(timestep_scale)
-                    and timestep_scale > 0):
-                raise ValueError(f"timestep_scale must be a finite positive number, got {timestep_scale!r}")
-            self.t_range = (0.0, 1.0)
-            self.timestep_scale = float(timestep_scale)
+    def copy_conversion(self, other: Conversion) -> None:
+        """Take ``other``'s conversion (prediction, timestep scale, t_range, VP table), not its model."""
+        self.prediction, self.timestep_scale, self.t_range = other.prediction, other.timestep_scale, other.t_range
+        self._tables = dict(other._tables)
+
+    def conversion_config(self) -> dict[str, object]:
+        """The conversion as JSON-able values (``load_two_time`` checks a saved student's against its teacher)."""
+        return {"prediction": self.prediction, "timestep_scale": self.timestep_scale, "t_range": list(self.t_range)}
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, t_range=({self.t_range[0]:.6g}, {self.t_range[1]:.6g})"
@@ -154,7 +122,8 @@ class Teacher(nn.Module):
                              "mean prediction only)")
         return out
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: object) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, object]) -> torch.Tensor:
+        """v(x, t) of ``self.model`` called with ``cond``: the conversion of ``prediction`` (``Teacher``)."""
         t = t.to(torch.promote_types(torch.promote_types(t.dtype, x.dtype), torch.float32))
         if self.prediction == "velocity":
             return self._predict(x, self.timestep(t), cond)
@@ -171,6 +140,62 @@ class Teacher(nn.Module):
         else:
             x1_hat, eps_hat = out, (x_vp - alpha * out) / sigma_v
         return x1_hat - eps_hat
+
+
+class Teacher(Conversion):
+    """A model in another convention as a teacher v(x, t, **cond) of this library, with ``sigma = 1.0``.
+
+    ``prediction`` says what ``model(x, timestep, **cond)`` predicts:
+      - "velocity": this library's v already; v(x, t) = model(x, timestep_scale * t).
+      - "flow": diffusers' flow matching (FlowMatchEulerDiscreteScheduler, SD3, Flux): x = (1 - sigma_d) x1 +
+        sigma_d eps, prediction eps - x1, timestep = timestep_scale * sigma_d; v(x, t) = -model(x, ts (1 - t)).
+      - "epsilon", "v_prediction", "sample": a VP model, x_tau = alpha x1 + sigma_v eps with alpha^2 =
+        ``alphas_cumprod[tau]`` (the table of its integer training timesteps tau = 0 .. N - 1; ``timestep_scale``
+        does not apply: the timestep passed is the index tau). With sigma = 1: t = alpha / (alpha + sigma_v),
+        the model sees x_tau = x (alpha + sigma_v) at the timestep ``timestep(t)``, and
+        v = x1_hat - eps_hat from its prediction (docs/math.md, "Adapted teachers").
+    ``t_range = (t_min, t_max)`` is the interval of library time the model covers: (0, 1) for "velocity" and
+    "flow"; (t(abar_{N-1}), t(abar_0)) for VP, e.g. (0.0063, 0.990) for diffusers' 1000-step "linear" betas.
+    Every loss, time sampler, ``sample`` and ``ode_solve`` keep times inside it. Outside it the VP timestep is
+    extrapolated linearly from the end intervals of the table.
+
+    x: (B, ...) in the model's dtype; t: (B,) float (times computed in at least float32, float64 if x is).
+    Returns v with x's shape; the model output may be a tensor, have ``.sample`` or be a tuple (first item).
+    Eager equivalent: the formulas above on the model's output; no graph is cut (a loss calls it under no_grad).
+    """
+
+    def __init__(self, model: nn.Module, prediction: str, *,
+                 alphas_cumprod: torch.Tensor | Sequence[float] | None = None, timestep_scale: float = 1000.0) -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, timestep, **cond), got {type(model).__name__}")
+        self.model, self.prediction = model, prediction
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        if prediction in VP_PREDICTIONS:
+            if alphas_cumprod is None:
+                raise ValueError(f"prediction={prediction!r} is a VP model: pass alphas_cumprod, the table "
+                                 "abar[tau] of its training timesteps (a diffusers scheduler's .alphas_cumprod)")
+            if timestep_scale != 1000.0:
+                raise ValueError("timestep_scale applies to 'velocity' and 'flow' models only: a VP model "
+                                 "receives the index into alphas_cumprod as its timestep")
+            times = _schedule_times(alphas_cumprod, prediction).flip(0)  # ascending in t: index N - 1 first
+            self._tables[times.device] = times
+            self.t_range = (float(times[0]), float(times[-1]))
+            self.timestep_scale = None
+        else:
+            if alphas_cumprod is not None:
+                raise ValueError(f"alphas_cumprod is for VP models (prediction in {VP_PREDICTIONS}); "
+                                 f"prediction={prediction!r} takes none")
+            if not (isinstance(timestep_scale, (int, float)) and math.isfinite(timestep_scale)
+                    and timestep_scale > 0):
+                raise ValueError(f"timestep_scale must be a finite positive number, got {timestep_scale!r}")
+            self.t_range = (0.0, 1.0)
+            self.timestep_scale = float(timestep_scale)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: object) -> torch.Tensor:
+        return self.velocity(x, t, cond)
 
     @classmethod
     def from_pretrained(cls, local_dir: str | Path, *, prediction: str | None = None,
@@ -213,12 +238,13 @@ def _import_diffusers() -> ModuleType:
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError("Teacher.from_pretrained needs diffusers: pip install diffusers") from err
+        raise ImportError("loading a saved diffusers model needs diffusers: pip install diffusers") from err
     return diffusers
 
 
-def _load_local(diffusers: ModuleType, path: Path, name: str) -> object:
-    """A diffusers model or scheduler saved in ``path``: the class named by its config, from local files only."""
+def _load_local(diffusers: ModuleType, path: Path, name: str, **kwargs: object) -> object:
+    """A diffusers model or scheduler saved in ``path``: the class named by its config, from local files only
+    (``kwargs`` go to its ``from_pretrained``, e.g. ``torch_dtype``)."""
     config_path = next((path / f for f in ("config.json", "scheduler_config.json") if (path / f).is_file()), None)
     if config_path is None:
         raise FileNotFoundError(f"{name}={str(path)!r} holds no config.json or scheduler_config.json: pass the "
@@ -227,4 +253,4 @@ def _load_local(diffusers: ModuleType, path: Path, name: str) -> object:
     loader = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
     if loader is None or not hasattr(loader, "from_pretrained"):
         raise ValueError(f"{config_path} names class {class_name!r}, which diffusers does not provide")
-    return loader.from_pretrained(path, local_files_only=True)
+    return loader.from_pretrained(path, local_files_only=True, **kwargs)
