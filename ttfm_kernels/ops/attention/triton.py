@@ -343,12 +343,14 @@ _GPU_TABLE: dict[str, dict[int, tuple[int, int, int, int]]] = {
               256: (16, 32, 8, 1)},
     "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 8, 1)},
 }
-#: The backward kernels' (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (both kernels: the dK/dV one
-#: holds four (BLOCK_N, D) float32 accumulators and K, V, tK, tV; the dQ one two and Q, tQ, G, H). A missing
-#: entry takes the reference backward on GPU (``backward_unsupported``).
+#: The backward kernels' (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim, shared by both kernels
+#: (the dK/dV one holds four (BLOCK_N, D) float32 accumulators and K, V, tK, tV; the dQ one two and Q, tQ, G, H):
+#: the largest tiles tried that compile for sm_80 and sm_90 without spills with every term present. float32
+#: (3xTF32 dots) spills at D = 64 at every tile tried (16 x 16 with 4 or 8 warps: 160-500 B) and at D = 128:
+#: those take the reference backward on GPU (``backward_unsupported``, one warning).
 _GPU_BWD_TABLE: dict[str, dict[int, tuple[int, int, int, int]]] = {
-    "16bit": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (32, 32, 8, 1), 256: (16, 16, 8, 1)},
-    "fp32": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 8, 1)},
+    "16bit": {16: (64, 64, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 1), 256: (16, 16, 8, 1)},
+    "fp32": {16: (16, 16, 2, 1), 32: (16, 16, 4, 1)},
 }
 #: (dtype group, padded head dim) whose kernel takes at most one tangent per launch, on GPU and interpreter alike.
 _ONE_TANGENT_PER_LAUNCH = {("fp32", 128)}
