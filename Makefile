@@ -54,9 +54,10 @@ check-gpu-compile: install
 # Without a CUDA device it stops at once with "no CUDA device" (exit 2). See scripts/gpu_check.py.
 STAGES ?= build,parity,bench
 GPU_REPORT_DIR ?= $(if $(OUT),$(OUT),gpu-report)
+GPU_DEADLINE ?= 330
 
 gpu-check:
-	GPU_REPORT_DIR="$(GPU_REPORT_DIR)" $(PYTHON) scripts/gpu_check.py --stages "$(STAGES)"
+	GPU_REPORT_DIR="$(GPU_REPORT_DIR)" $(PYTHON) scripts/gpu_check.py --stages "$(STAGES)" --deadline $(GPU_DEADLINE)
 
 lint: install
 	$(PY) -m ruff check .
