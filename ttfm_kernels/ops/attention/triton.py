@@ -1,22 +1,30 @@
-"""Triton kernel of the fused attention JVP (MATH.md section 5): one pass, FlashAttention-2 style.
+"""Triton kernels of the fused attention JVP (MATH.md section 5) and its backward: FlashAttention-2 style.
 
-One program handles BLOCK_M query rows of one (batch, head) and walks the key blocks once with an online
-softmax (base-2 exponentials), rescaling ALL accumulators (l, acc_o, acc_mu, acc_t) by exp(m_old - m_new):
+Forward: one program handles BLOCK_M query rows of one (batch, head) and walks the key blocks once with an
+online softmax (base-2 exponentials), rescaling ALL accumulators (l, acc_o, acc_mu, acc_t) by exp(m_old - m_new):
 
     S  = c Q K^T                       (GEMM 1)
     dS = c [dQ | Q] @ [K | dK]^T       (GEMM 2: one accumulator, inner dim 2D; absent tangents skipped)
     acc_o += P V                       (GEMM 3)
-    acc_t += [P*dS | P] @ [V ; dV]     (GEMM 4: one accumulator)
-    o = acc_o / l,  mu = acc_mu / l,  t_o = acc_t / l - mu o,  lse = m + log l
+    acc_t += [P*(dS - s) | P] @ [V ; dV]  (GEMM 4: one accumulator)
+    o = acc_o / l,  mu = s + acc_mu / l,  t_o = acc_t / l - (mu - s) o,  lse = m + log l
+
+with s a per-row shift (the P-weighted mean of dS over the first key block, docs/math.md "Backward of the
+attention JVP", last paragraph) and acc_mu summed from the same rounded P*(dS - s) operand GEMM 4 reads, so the
+row-constant part of dS cancels exactly in bf16/fp16. It writes lse and mu, all the backward needs.
+Backward (docs/math.md "Backward of the attention JVP"): per-row statistics in PyTorch (O(N D)), then one
+kernel over key blocks (dK, dV, dtK, dtV, walking the query blocks) and one over query blocks (dQ, dtQ,
+walking the key blocks), both recomputing P and dS from lse and mu tile by tile: O(N) memory.
 
 Accumulation is float32 for every input dtype; float32 inputs use 3xTF32 dots on GPU (float32-accurate, not
 plain TF32). Head dims up to 256 are padded to a power of two >= 16 and masked (72, 80, 96 -> 128); any Nq,
-Nk; causal is top-left. float32 with a padded head dim of 128 runs one launch per present tangent (t_o is linear
-in the tangents: the partial t_o are summed), because its Q, dQ, K and dK operands together spill registers.
-Tangent presence is a constexpr, so absent tangents cost nothing. Batch/head offsets are int64.
-Under the CPU interpreter (TRITON_INTERPRET=1) one small configuration runs, and bf16 dot operands are
-upcast to float32 (the interpreter's bf16 dot is wrong); GPU launches use the configurations registered in
-``ttfm_kernels._gpu_configs`` below (compiled for sm_80/sm_90, not run on a GPU here).
+Nk; causal is top-left. Inputs are read through their (batch, head, row) strides (the last stride must be 1);
+outputs are contiguous. float32 with a padded head dim of 128 runs one forward launch per present tangent
+(t_o and mu are linear in the tangents: the partials are summed), because its Q, dQ, K and dK operands together
+spill registers. Term presence is a constexpr, so absent tangents and gradients cost nothing. Batch/head
+offsets are int64. Under the CPU interpreter (TRITON_INTERPRET=1) one small configuration runs, and bf16 dot
+operands are upcast to float32 (the interpreter's bf16 dot is wrong); GPU launches use the configurations
+registered in ``ttfm_kernels._gpu_configs`` below (compiled for sm_80/sm_90, not run on a GPU here).
 """
 
 from __future__ import annotations
@@ -185,6 +193,51 @@ def _bwd_tile(q, tq, g, h_, k, v, tk, tv, lse2, mu, rc, dt, offs_m, offs_n, n_q,
 
 
 @triton.jit
+def _bwd_query_block(q_ptr, tq_ptr, g_ptr, h_ptr, lse_ptr, mu_ptr, rc_ptr, dt_ptr, b, h, bh, offs_m, offs_d, n_q,
+                     sqb, sqh, sqn, stqb, stqh, stqn, sgb, sgh, sgn, shb, shh, shn, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, HAS_G: tl.constexpr, HAS_H: tl.constexpr, HAS_TQ: tl.constexpr,
+                     HAS_TK: tl.constexpr):
+    """The backward's query-block operands: Q, tQ, G, H tiles and the row statistics lse (base 2), mu, rc, dt;
+    an absent one is a stand-in its flag keeps unused."""
+    row_mask = offs_m < n_q
+    rows = bh * n_q + offs_m
+    q = _tile(q_ptr, b, h, sqb, sqh, sqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634  # log2(e): base 2
+    rc = tl.load(rc_ptr + rows, mask=row_mask, other=0.0)
+    tq = q
+    g = q
+    h_ = q
+    mu = rc
+    dt = rc
+    if HAS_TQ:
+        tq = _tile(tq_ptr, b, h, stqb, stqh, stqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
+    if HAS_G:
+        g = _tile(g_ptr, b, h, sgb, sgh, sgn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
+    if HAS_H:
+        h_ = _tile(h_ptr, b, h, shb, shh, shn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
+        if HAS_TQ or HAS_TK:
+            mu = tl.load(mu_ptr + rows, mask=row_mask, other=0.0)
+            dt = tl.load(dt_ptr + rows, mask=row_mask, other=0.0)
+    return q, tq, g, h_, lse2, mu, rc, dt
+
+
+@triton.jit
+def _bwd_key_block(k_ptr, v_ptr, tk_ptr, tv_ptr, b, h, offs_n, offs_d, n_k, skb, skh, skn, svb, svh, svn,
+                   stkb, stkh, stkn, stvb, stvh, stvn, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_TK: tl.constexpr, HAS_TV: tl.constexpr):
+    """The backward's key-block tiles K, V, tK, tV (an absent tangent is a stand-in its flag keeps unused)."""
+    k = _tile(k_ptr, b, h, skb, skh, skn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+    v = _tile(v_ptr, b, h, svb, svh, svn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+    tk = k
+    tv = v
+    if HAS_TK:
+        tk = _tile(tk_ptr, b, h, stkb, stkh, stkn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+    if HAS_TV:
+        tv = _tile(tv_ptr, b, h, stvb, stvh, stvn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+    return k, v, tk, tv
+
+
+@triton.jit
 def _jvp_attention_bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, g_ptr, h_ptr, lse_ptr, mu_ptr, rc_ptr, dt_ptr,
     dk_ptr, dv_ptr, dtk_ptr, dtv_ptr,
@@ -203,14 +256,8 @@ def _jvp_attention_bwd_dkv_kernel(
     bh = b * tl.num_programs(2) + h
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _tile(k_ptr, b, h, skb, skh, skn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-    v = _tile(v_ptr, b, h, svb, svh, svn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-    tk = k
-    tv = v
-    if HAS_TK:
-        tk = _tile(tk_ptr, b, h, stkb, stkh, stkn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-    if HAS_TV:
-        tv = _tile(tv_ptr, b, h, stvb, stvh, stvn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+    k, v, tk, tv = _bwd_key_block(k_ptr, v_ptr, tk_ptr, tv_ptr, b, h, offs_n, offs_d, n_k, skb, skh, skn, svb, svh,
+                                  svn, stkb, stkh, stkn, stvb, stvh, stvn, HEAD_DIM, BLOCK_D, HAS_TK, HAS_TV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dtk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -220,25 +267,9 @@ def _jvp_attention_bwd_dkv_kernel(
         lo = (start_n * BLOCK_N) // BLOCK_M * BLOCK_M
     for start_m in range(lo, n_q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_mask = offs_m < n_q
-        rows = bh * n_q + offs_m
-        q = _tile(q_ptr, b, h, sqb, sqh, sqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634  # log2(e): base 2
-        rc = tl.load(rc_ptr + rows, mask=row_mask, other=0.0)
-        tq = q
-        g = q
-        h_ = q
-        mu = rc
-        dt = rc
-        if HAS_TQ:
-            tq = _tile(tq_ptr, b, h, stqb, stqh, stqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-        if HAS_G:
-            g = _tile(g_ptr, b, h, sgb, sgh, sgn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-        if HAS_H:
-            h_ = _tile(h_ptr, b, h, shb, shh, shn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-            if HAS_DS:
-                mu = tl.load(mu_ptr + rows, mask=row_mask, other=0.0)
-                dt = tl.load(dt_ptr + rows, mask=row_mask, other=0.0)
+        q, tq, g, h_, lse2, mu, rc, dt = _bwd_query_block(
+            q_ptr, tq_ptr, g_ptr, h_ptr, lse_ptr, mu_ptr, rc_ptr, dt_ptr, b, h, bh, offs_m, offs_d, n_q, sqb, sqh,
+            sqn, stqb, stqh, stqn, sgb, sgh, sgn, shb, shh, shn, HEAD_DIM, BLOCK_D, HAS_G, HAS_H, HAS_TQ, HAS_TK)
         p, pdsm, e, d_s = _bwd_tile(q, tq, g, h_, k, v, tk, tv, lse2, mu, rc, dt, offs_m, offs_n, n_q, n_k,
                                     qk_scale, ds_scale, CAUSAL, HAS_G, HAS_H, HAS_TQ, HAS_TK, HAS_TV, UPCAST,
                                     PRECISION, BLOCK_M, BLOCK_N)
@@ -281,25 +312,9 @@ def _jvp_attention_bwd_dq_kernel(
     bh = b * tl.num_programs(2) + h
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_mask = offs_m < n_q
-    rows = bh * n_q + offs_m
-    q = _tile(q_ptr, b, h, sqb, sqh, sqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-    lse2 = tl.load(lse_ptr + rows, mask=row_mask, other=0.0) * 1.4426950408889634  # log2(e): base 2
-    rc = tl.load(rc_ptr + rows, mask=row_mask, other=0.0)
-    tq = q
-    g = q
-    h_ = q
-    mu = rc
-    dt = rc
-    if HAS_TQ:
-        tq = _tile(tq_ptr, b, h, stqb, stqh, stqn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-    if HAS_G:
-        g = _tile(g_ptr, b, h, sgb, sgh, sgn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-    if HAS_H:
-        h_ = _tile(h_ptr, b, h, shb, shh, shn, offs_m, offs_d, n_q, HEAD_DIM, BLOCK_D)
-        if HAS_DS:
-            mu = tl.load(mu_ptr + rows, mask=row_mask, other=0.0)
-            dt = tl.load(dt_ptr + rows, mask=row_mask, other=0.0)
+    q, tq, g, h_, lse2, mu, rc, dt = _bwd_query_block(
+        q_ptr, tq_ptr, g_ptr, h_ptr, lse_ptr, mu_ptr, rc_ptr, dt_ptr, b, h, bh, offs_m, offs_d, n_q, sqb, sqh,
+        sqn, stqb, stqh, stqn, sgb, sgh, sgn, shb, shh, shn, HEAD_DIM, BLOCK_D, HAS_G, HAS_H, HAS_TQ, HAS_TK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = n_k
@@ -307,14 +322,8 @@ def _jvp_attention_bwd_dq_kernel(
         hi = tl.minimum(n_k, (start_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _tile(k_ptr, b, h, skb, skh, skn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-        v = _tile(v_ptr, b, h, svb, svh, svn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-        tk = k
-        tv = v
-        if HAS_TK:
-            tk = _tile(tk_ptr, b, h, stkb, stkh, stkn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
-        if HAS_TV:
-            tv = _tile(tv_ptr, b, h, stvb, stvh, stvn, offs_n, offs_d, n_k, HEAD_DIM, BLOCK_D)
+        k, v, tk, tv = _bwd_key_block(k_ptr, v_ptr, tk_ptr, tv_ptr, b, h, offs_n, offs_d, n_k, skb, skh, skn, svb,
+                                      svh, svn, stkb, stkh, stkn, stvb, stvh, stvn, HEAD_DIM, BLOCK_D, HAS_TK, HAS_TV)
         _, _, e, d_s = _bwd_tile(q, tq, g, h_, k, v, tk, tv, lse2, mu, rc, dt, offs_m, offs_n, n_q, n_k, qk_scale,
                                  ds_scale, CAUSAL, HAS_G, HAS_H, HAS_TQ, HAS_TK, HAS_TV, UPCAST, PRECISION,
                                  BLOCK_M, BLOCK_N)
