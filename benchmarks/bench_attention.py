@@ -122,7 +122,7 @@ def _check_fwd_bwd_gpu(args: tuple[torch.Tensor, ...]) -> None:
     small = tuple(t[:1, :2, :512] for t in args)
     ref = _fwd_bwd(tuple(t.double() for t in small), "reference")
     for got, r in zip(_fwd_bwd(small, "triton"), ref, strict=True):
-        assert_close_to_ref(got, r, dtype=got.dtype, name="grad")
+        assert_close_to_ref(got, r, dtype=got.dtype, name="grad", scale=4.0)  # bf16, through t_o, 512 keys
 
 
 @pytest.mark.gpu
