@@ -4,7 +4,8 @@ plain SDPA forward (the floor is about 3x the forward's time: 6 matmul-shaped pr
 CPU: the user's route, ``torch.func.jvp`` over ``ttfm_kernels.attention`` (what ``patch_sdpa`` gives a model), on
 the "auto" backend (the C++ kernel when built, else the reference); the C++ kernel's own cases are in
 ``bench_attention_cpu.py``. GPU cases are declared (Triton kernel, fp16/bf16, causal and not, TFLOP/s counting
-3x the forward FLOPs) and skipped here.
+3x the forward FLOPs; forward + backward through the tangent at (2, 12, 4096, 64) bf16 against the reference
+backend, time and ``torch.cuda.max_memory_allocated``) and skipped here.
 """
 
 from __future__ import annotations
@@ -95,3 +96,47 @@ def test_jvp_attention_gpu(compare, dtype: str, n: int, causal: bool) -> None:
     res.record("tflops_sdpa_forward", forward_flops / res.median("sdpa_forward") / 1e12)
     res.record("fused_over_forward", res.median("fused") / res.median("sdpa_forward"))
     res.check_speedup("fused", floor=1.0, goal=2.0)  # no GPU run recorded yet: the floor only catches a slowdown
+
+
+GPU_BWD_SHAPE = (2, 12, 4096, 64)  # (B, H, N, D)
+
+
+def _fwd_bwd(args: tuple[torch.Tensor, ...], backend: str) -> tuple[torch.Tensor, ...]:
+    """Forward + backward of ``jvp_attention`` through o and t_o (LFMD's reverse-over-forward): six gradients."""
+    leaves = [t.detach().requires_grad_() for t in args]
+    o, t_o = jvp_attention(*leaves, backend=backend)
+    return torch.autograd.grad((o, t_o), leaves, (args[0], args[3]))
+
+
+def _cuda_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory that one call of ``fn`` allocates above what was allocated before it, in MB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _check_fwd_bwd_gpu(args: tuple[torch.Tensor, ...]) -> None:
+    small = tuple(t[:1, :2, :512] for t in args)
+    ref = _fwd_bwd(tuple(t.double() for t in small), "reference")
+    for got, r in zip(_fwd_bwd(small, "triton"), ref, strict=True):
+        assert_close_to_ref(got, r, dtype=got.dtype, name="grad", scale=4.0)  # bf16, through t_o, 512 keys
+
+
+@pytest.mark.gpu
+def test_jvp_attention_gpu_backward(compare) -> None:
+    b, h, n, d = GPU_BWD_SHAPE
+    args = _inputs(GPU_BWD_SHAPE, torch.bfloat16, "cuda")
+    res = compare(case=f"jvp_attention cuda fwd+bwd through t_o B{b} H{h} N{n} D{d} bfloat16",
+                  fns={"reference": lambda: _fwd_bwd(args, "reference"), "fused": lambda: _fwd_bwd(args, "triton"),
+                       "fused_forward": lambda: jvp_attention(*args, backend="triton")},
+                  baseline="reference", check=lambda: _check_fwd_bwd_gpu(args), rounds=5)
+    forward = res.median("fused_forward")
+    res.record("backward_over_forward", (res.median("fused") - forward) / forward)
+    for method in ("reference", "triton"):
+        res.record(f"cuda_peak_mb.{method}", _cuda_peak_mb(lambda m=method: _fwd_bwd(args, m)))
+    res.record("peak_ratio", res.extra["cuda_peak_mb.triton"] / res.extra["cuda_peak_mb.reference"])
+    assert res.extra["peak_ratio"] < 0.10
+    assert res.speedup("fused") >= 1.0

@@ -103,3 +103,71 @@ def test_auto_picks_triton_for_cuda_tensors(dtype, head_dim):
         explicit = jvp_attention(*args, backend="triton")
         for a, e in zip(auto, explicit, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def _on_cuda(causal: bool, backend: str = "triton"):
+    """(o, t_o, lse) of ``jvp_attention`` on CUDA copies of CPU leaves, returned on the CPU (gradients flow back)."""
+    def run(args):
+        outs = jvp_attention(*(None if t is None else t.cuda() for t in args), causal=causal, return_lse=True,
+                             backend=backend)
+        return tuple(t.cpu() for t in outs)
+
+    return run
+
+
+#: (B, H, Nq, Nk, D, causal, dtype, tangents present, outputs read) of the fused backward: every dtype, odd
+#: shapes, causal, padded head dims, tangent and output subsets (float32 has a backward configuration up to D 32).
+BWD_CASES = [
+    (1, 2, 77, 130, 64, False, BF16, (1, 1, 1), (1, 1, 1)),
+    (1, 2, 130, 77, 64, True, F16, (1, 0, 1), (0, 1, 0)),
+    (1, 2, 77, 77, 128, True, BF16, (0, 1, 0), (1, 1, 0)),
+    (1, 2, 77, 130, 16, False, F32, (1, 1, 1), (1, 0, 1)),
+    (1, 2, 1, 77, 64, False, F16, (1, 1, 1), (1, 1, 0)),
+    (1, 2, 77, 77, 32, True, F32, (1, 1, 1), (1, 1, 1)),
+    (1, 1, 77, 77, 256, False, BF16, (0, 0, 1), (1, 1, 0)),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "B{}H{}Nq{}Nk{}D{}{}-{}-t{}{}{}-g{}{}{}".format(
+    *c[:5], "c" * c[5], str(c[6])[6:], *c[7], *c[8]))
+def test_fused_backward_matches_the_reference(case):
+    """Gradients of every present input through (o, t_o, lse) against the float64 reference backward (CPU)."""
+    from tests.ops.test_attention_cpu_backward import compare, grads, make_inputs, weights
+
+    *dims, causal, dtype, which, reads = case
+    inputs = [None if t is None else t.to(dtype).double() for t in make_inputs(*dims, which)]
+    w = weights(inputs[0], reads)
+    ref = grads(lambda a: jvp_attention(*a, causal=causal, return_lse=True, backend="reference"), inputs, w,
+                torch.float64)
+    compare(grads(_on_cuda(causal), inputs, w, dtype), ref, inputs, w, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+def test_shared_key_direction_tangent_and_backward(dtype):
+    """Keys sharing a large mean direction: t_o and the gradients within the dtype's tolerance (the forward
+    shifts the score tangent's row constant out before rounding, and sums mu from the rounded operand)."""
+    from tests.ops.test_attention_cpu_backward import adversarial_inputs, compare, grads, sdpa_jvp, weights
+
+    inputs = adversarial_inputs(300, 64, dtype)
+    w = weights(inputs[0], (1, 1, 0))
+    o, t_o, _ = _on_cuda(True)([t.to(dtype) for t in inputs])
+    ro, rt, _ = sdpa_jvp(True)(inputs)
+    assert_close_to_ref(o, ro, name="o")
+    assert_close_to_ref(t_o, rt, name="t_o")
+    compare(grads(_on_cuda(True), inputs, w, dtype), grads(sdpa_jvp(True), inputs, w, torch.float64), inputs, w)
+
+
+def test_strided_inputs_equal_contiguous_ones():
+    """diffusers' transposed (B, N, H, D) views go through the kernels' strides: the same bits as copies."""
+    views = [t.cuda().to(BF16).requires_grad_() for t in torch.randn(6, 2, 200, 4, 64).unbind(0)]
+    args = [t.transpose(1, 2) for t in views]
+    dense = [t.detach().contiguous().requires_grad_() for t in args]
+    g_o, g_t = torch.randn(2, 2, 4, 200, 64, device="cuda", dtype=BF16)
+    got = jvp_attention(*args, causal=True, backend="triton")
+    ref = jvp_attention(*dense, causal=True, backend="triton")
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(got, views, (g_o, g_t)), torch.autograd.grad(ref, dense, (g_o, g_t)),
+                    strict=True):
+        assert torch.equal(a.transpose(1, 2), b)
+        assert_nontrivial(a)

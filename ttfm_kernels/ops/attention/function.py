@@ -2,13 +2,14 @@
 
 ``jvp_attention`` (explicit tangents in, tangents out) and ``attention`` (a forward-AD-aware drop-in for
 ``F.scaled_dot_product_attention``) share one autograd function: its forward runs ONE fused pass that writes
-o, t_o and lse; its backward gives exact gradients through both outputs (LFMD needs them). On the "cpu"
-backend the backward is the fused O(N)-memory kernel ``ttfm::jvp_attention_bwd`` (recomputation from lse and
-mu, docs/math.md "Backward of the attention JVP"); it falls back to recomputing the explicit formula
-(``reference.py``, which materialises (Nq, Nk)) for the other backends and for double backward
+o, t_o and lse; its backward gives exact gradients through both outputs (LFMD needs them). On the "cpu" and
+"triton" backends the backward is fused and O(N)-memory (``ttfm::jvp_attention_bwd``, or the Triton backward
+kernels: recomputation from lse and mu, docs/math.md "Backward of the attention JVP"); it falls back to
+recomputing the explicit formula (``reference.py``, which materialises (Nq, Nk)) for the reference backend, for
+a GPU head dim without a backward configuration (one warning) and for double backward
 (``create_graph=True``: the fused backward is not itself differentiable). Backends: "reference", "cpu"
-(``csrc/cpu/vec/attention.cpp``, private ops ``ttfm::jvp_attention_fwd`` / ``_bwd``; any strides with a unit
-last stride) and "triton" (``triton.py``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+(``csrc/cpu/vec/attention.cpp``, private ops ``ttfm::jvp_attention_fwd`` / ``_bwd``) and "triton" (``triton.py``;
+CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); both read any strides with a unit last stride.
 """
 
 from __future__ import annotations
@@ -80,15 +81,15 @@ def _select(backend: str, q: torch.Tensor) -> str:
 
 
 def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` itself when the CPU kernels can read it through its strides (unit last stride), else a copy."""
+    """``t`` itself when the kernels can read it through its strides (unit last stride), else a copy."""
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tangents: Tangents,
                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass of backend ``name``: (o, t_o, lse, mu) with o, t_o like q (contiguous) and lse (B, H, Nq) float32;
-    mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" backend only (None
-    otherwise), for its fused backward."""
+    mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" and "triton" backends
+    (None on "reference"), for their fused backward."""
     if name == "reference":
         o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
         return o, t_o, lse.float(), None
@@ -102,14 +103,16 @@ def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, t_o, lse, mu
     from ttfm_kernels.ops.attention.triton import jvp_attention_fwd_triton
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    tq, tk, tv = (None if t is None else t.contiguous() for t in tangents)
-    jvp_attention_fwd_triton(q, k, v, tq, tk, tv, o, t_o, lse, causal=causal, scale=scale)
-    return o, t_o, lse, None
+    mu = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    q, k, v, tq, tk, tv = (_unit_last(t) for t in (q, k, v, *tangents))
+    jvp_attention_fwd_triton(q, k, v, tq, tk, tv, o, t_o, lse, mu, causal=causal, scale=scale)
+    return o, t_o, lse, mu
 
 
-def _cpu_backward(saved: tuple, grads: Tangents, causal: bool, scale: float) -> list[torch.Tensor | None]:
-    """Gradients (q, k, v, tq, tk, tv) from the fused CPU backward; None for an absent tangent.
+def _fused_backward(name: str, saved: tuple, grads: Tangents, causal: bool,
+                    scale: float) -> list[torch.Tensor | None]:
+    """Gradients (q, k, v, tq, tk, tv) from the fused backward of backend ``name`` ("cpu" or "triton"); None for
+    an absent tangent.
 
     ``saved``: (q, k, v, tq, tk, tv, o, t_o, lse, mu) of the forward; ``grads``: (g_o, g_t_o, g_lse), any None.
     Eager equivalent: ``torch.autograd.grad`` through ``jvp_attention_reference``, without its (Nq, Nk) tensors.
@@ -118,14 +121,31 @@ def _cpu_backward(saved: tuple, grads: Tangents, causal: bool, scale: float) -> 
     g_o, g_t_o, g_lse = grads
     outs = [None if t is None else _alloc.empty_like(t) for t in (q, k, v, tq, tk, tv)]
     g_lse = None if g_lse is None else g_lse.float().contiguous()
-    torch.ops.ttfm.jvp_attention_bwd(*(_unit_last(t) for t in (q, k, v, tq, tk, tv)), o, t_o, lse, mu,
-                                     _unit_last(g_o), _unit_last(g_t_o), g_lse, causal, scale, *outs, *_CPU_TILES)
+    inputs = [_unit_last(t) for t in (q, k, v, tq, tk, tv)]
+    g_o, g_t_o = _unit_last(g_o), _unit_last(g_t_o)
+    if name == "cpu":
+        torch.ops.ttfm.jvp_attention_bwd(*inputs, o, t_o, lse, mu, g_o, g_t_o, g_lse, causal, scale, *outs,
+                                         *_CPU_TILES)
+    else:
+        from ttfm_kernels.ops.attention.triton import jvp_attention_bwd_triton
+
+        jvp_attention_bwd_triton(tuple(inputs), o, t_o, lse, mu, (g_o, g_t_o, g_lse), outs, causal=causal,
+                                 scale=scale)
     return outs
 
 
+def _backward_unsupported(name: str, q: torch.Tensor) -> str | None:
+    """Why fused backend ``name`` has no fused backward for this call (None when it has one)."""
+    if name != "triton":
+        return None
+    from ttfm_kernels.ops.attention.triton import backward_unsupported
+
+    return backward_unsupported(q.device, q.dtype, q.shape[-1])
+
+
 class _JvpAttentionFn(torch.autograd.Function):
-    """(q, k, v, tq, tk, tv) -> (o, t_o, lse, mu) in one fused pass (mu: the "cpu" backend's backward statistic,
-    not differentiable, None on the others); backward: the fused CPU kernel or the explicit formula."""
+    """(q, k, v, tq, tk, tv) -> (o, t_o, lse, mu) in one fused pass (mu: the fused backends' backward statistic,
+    not differentiable, None on "reference"); backward: the fused kernels or the explicit formula."""
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
@@ -135,14 +155,14 @@ class _JvpAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        q, k, v, tq, tk, tv, causal, scale, _ = inputs
+        q, k, v, tq, tk, tv, causal, scale, name = inputs
         o, t_o, lse, mu = output
         fused = mu is not None
         ctx.save_for_backward(q, k, v, tq, tk, tv, *((o, t_o, lse, mu) if fused else ()))
         if fused:
             ctx.mark_non_differentiable(mu)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None and its products are skipped
-        ctx.causal, ctx.scale, ctx.fused = causal, scale, fused
+        ctx.causal, ctx.scale, ctx.fused, ctx.name = causal, scale, fused, name
 
     @staticmethod
     def backward(ctx: Any, g_o: torch.Tensor | None, g_t_o: torch.Tensor | None,
@@ -153,8 +173,11 @@ class _JvpAttentionFn(torch.autograd.Function):
         if not wanted or (g_o is None and g_t_o is None and g_lse is None):
             return tuple(grads)
         create_graph = torch.is_grad_enabled()  # double backward: keep the saved inputs' own graph
-        if ctx.fused and not create_graph:
-            found = _cpu_backward(saved, (g_o, g_t_o, g_lse), ctx.causal, ctx.scale)
+        reason = None if create_graph or not ctx.fused else _backward_unsupported(ctx.name, saved[0])
+        if reason is not None:
+            warn_once("jvp_attention_bwd", f"fused backward of backend {ctx.name!r} skipped: {reason}")
+        if ctx.fused and not create_graph and reason is None:
+            found = _fused_backward(ctx.name, saved, (g_o, g_t_o, g_lse), ctx.causal, ctx.scale)
             for i in wanted:
                 grads[i] = found[i]
             return tuple(grads)
