@@ -29,8 +29,8 @@ def _stacked(op, x: torch.Tensor, tx: torch.Tensor, bias: torch.Tensor | None, b
         y, ty = out[: x.shape[0]], out[x.shape[0]:]
     else:  # no batch dim: stack one
         y, ty = op(torch.stack((x, tx))).unbind(0)
-    if bias is not None:
-        y = y + bias.view(bias_shape)
+    if bias is not None:  # in the output's dtype, as F.linear / conv add it under autocast (no promotion)
+        y = y + bias.view(bias_shape).to(y.dtype)
     return y, ty
 
 

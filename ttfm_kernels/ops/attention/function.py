@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ttfm_kernels import _alloc
 from ttfm_kernels._checks import check_float, check_like, check_rank
 from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
+from ttfm_kernels._precision import autocast_inputs, no_autocast
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
 __all__ = ["attention", "jvp_attention", "patch_sdpa"]
@@ -76,7 +77,8 @@ def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of backend ``name``: (o, t_o, lse) with o, t_o like q and lse (B, H, Nq) float32."""
     if name == "reference":
-        o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
+        with no_autocast(q.device):
+            o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
         return o, t_o, lse.float()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tq, tk, tv = (None if t is None else t.contiguous() for t in tangents)
@@ -112,7 +114,7 @@ class _JvpAttentionFn(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * 9
         wanted = [i for i, t in enumerate(ctx.saved_tensors) if t is not None and ctx.needs_input_grad[i]]
         create_graph = torch.is_grad_enabled()  # double backward: keep the saved inputs' own graph
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast(ctx.saved_tensors[0].device):
             leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
                       for i, t in enumerate(ctx.saved_tensors)]
             outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
@@ -138,12 +140,15 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); tq, tk, tv: tangents shaped like q, k, v, or None (zero, and their
     products are skipped). float64/32/16 and bfloat16; accumulation in float32 (float64 on the reference).
+    Precision: the compute and output dtype is q's, or under ``torch.autocast`` the autocast dtype (like
+    torch's SDPA: every input but a float64 one is cast to it at the boundary); lse is float32.
     ``scale`` defaults to 1/sqrt(D); ``causal`` masks key j > query i (top-left, like SDPA's is_causal).
     Returns (o, t_o), or (o, t_o, lse) with lse = logsumexp of the scaled scores, (B, H, Nq) float32.
     Every output is differentiable in every input (backward recomputes the explicit formula).
     Eager equivalent: ``torch.func.jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale), (q, k, v), (tq, tk, tv))`` with zeros for absent tangents.
     """
+    q, k, v, tq, tk, tv = autocast_inputs(q, k, v, tq, tk, tv)
     _validate(q, k, v, tq, tk, tv)
     name = _select(backend, q)
     o, t_o, lse = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
@@ -159,7 +164,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
     of ``causal``. Without a tangent (plain forward, training) it IS torch's SDPA with its own backward. When q,
     k or v carries a forward-AD tangent (``torch.func.jvp`` or ``torch.autograd.forward_ad``), o and its tangent
     come from one fused pass (``jvp_attention``), both differentiable (reverse-over-forward works). With
-    ``attn_mask`` the call runs torch's math SDPA: correct tangents, not fused.
+    ``attn_mask`` the call runs torch's math SDPA: correct tangents, not fused. Under ``torch.autocast`` the
+    fused pass computes in the autocast dtype, like torch's SDPA (see ``jvp_attention``).
     """
     causal = bool(causal if is_causal is None else is_causal)
     (qp, tq), (kp, tk), (vp, tv) = (fwAD.unpack_dual(t) for t in (q, k, v))
@@ -168,6 +174,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: t
     if attn_mask is not None:
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+    qp, kp, vp, tq, tk, tv = autocast_inputs(qp, kp, vp, tq, tk, tv)  # the dtype autocast gives SDPA
     _validate(qp, kp, vp, tq, tk, tv)
     name = _select(backend, qp)
     o, t_o, _ = _JvpAttentionFn.apply(qp, kp, vp, tq, tk, tv, causal, _scale(scale, qp.shape[-1]), name)
