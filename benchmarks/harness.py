@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_rss_mb", "time_round"]
+__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_dram_bytes_per_s", "peak_rss_mb", "time_round"]
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The keys ``Comparison.summary`` writes into a benchmark's ``extra_info`` (others come from ``record``).
@@ -71,6 +71,20 @@ class Comparison:
         """Store another measurement of this case (e.g. ``peak_rss_mb.fused``) in the JSON and the printout."""
         self.extra[key] = value
 
+    def check_speedup(self, name: str, *, floor: float, goal: float | None = None) -> None:
+        """Assert ``speedup(name) >= floor``; record the floor and, when given, the goal and whether it was met.
+
+        The floor is a regression check set with margin below the worst run recorded (docs/performance.md), so a
+        healthy build passes; the goal (what the op aims for) is printed and stored in the JSON, not asserted.
+        """
+        speedup = self.speedup(name)
+        self.record(f"floor_speedup.{name}", floor)
+        if goal is not None:
+            self.record(f"goal_speedup.{name}", goal)
+            self.record(f"meets_goal.{name}", speedup >= goal)
+        assert speedup >= floor, (f"{self.case}: {name} runs {speedup:.2f}x the {self.baseline!r} baseline, below "
+                                  f"its floor of {floor}x")
+
     def summary(self) -> dict[str, Any]:
         """The ``SUMMARY_KEYS`` of the JSON's ``extra_info``: medians and minima (seconds), speedups, rounds."""
         return {
@@ -93,7 +107,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        # Above the core count, threads wait on descheduled peers: a 2-thread eager op ran 5x slower at load 8.
+        # Above the core count, threads wait on descheduled peers and ratios drift (docs/performance.md).
         "loadavg_1m": os.getloadavg()[0],
     }
     try:
@@ -109,6 +123,14 @@ def machine_info() -> dict[str, Any]:
     except ImportError as err:
         info["ttfm_kernels"] = f"import failed: {err}"
     return info
+
+
+def peak_dram_bytes_per_s() -> float | None:
+    """The current GPU's DRAM bandwidth (bytes/s, double data rate) from its memory clock and bus width, when
+    torch reports them; GPU bandwidth figures are given as a fraction of it."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
 _RSS_CHILD = """

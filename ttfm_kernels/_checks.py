@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_float", "check_like", "check_model_input", "check_per_sample", "check_rank"]
+__all__ = ["FLOAT_DTYPES", "check_float", "check_like", "check_model_input", "check_per_sample", "check_rank"]
+
+#: The floating dtypes the ops accept (a backend may support fewer; its availability check says so).
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_float(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = None) -> None:

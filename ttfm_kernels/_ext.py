@@ -74,7 +74,7 @@ def status() -> dict[str, str | None]:
 
 
 #: (op, dispatch key) pairs found to have a kernel: a registered kernel stays registered, and ops ask on every
-#: call (the dispatcher query cost tens of microseconds per call next to a memory-bound kernel).
+#: call (a dispatcher query per call is costly next to a memory-bound kernel: docs/performance.md).
 _kernels_found: set[tuple[str, str]] = set()
 
 

@@ -1,4 +1,4 @@
-// The residual ops (MATH.md sections 1-2): schemas for every backend, the CPU kernels, and the autograd of
+// The residual ops (docs/math.md sections 1-2): schemas for every backend, the CPU kernels, and the autograd of
 // the loss op users call. The per-element math and the per-sample reduction come from ttfm/residual.h, shared
 // with the CUDA kernels (csrc/cuda/ttfm_cuda.cu).
 //
@@ -9,7 +9,7 @@
 // - itvm_residual_loss: the functional loss (per-sample losses, weights, reduction) with its autograd
 //   registered here in C++ at the Autograd key, calling the kernel op through the dispatcher so CPU and CUDA
 //   tensors share this code. C++ rather than torch.library.register_autograd because the Python autograd
-//   wrapper cost about 0.45 ms per call, more than the kernels themselves at B = 64, D = 4096. No forward-AD
+//   wrapper costs more per call than the kernels themselves at small sizes (docs/performance.md). No forward-AD
 //   rule: the Python entry point sends tangents to the reference formula.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -101,7 +101,7 @@ rs::SquareSums<acc_t> chunk_pass(const Inputs<scalar_t>& in, const Grads<scalar_
   rs::SquareSums<acc_t> lanes[kLanes];
   for (auto& lane : lanes) lane = rs::zero_sums<acc_t>();
   // Indexed from the struct's pointers with the absolute index: with -fwrapv (Python's flags) this form
-  // vectorizes and runs 1.6x faster than local __restrict__ pointers offset by `begin`.
+  // vectorizes better than local __restrict__ pointers offset by `begin` (docs/performance.md).
   auto step = [&](rs::SquareSums<acc_t>& lane, int64_t i) {
     const acc_t r_init = rs::init_residual<acc_t>(in.u_ss[i], in.v_s[i]);
     const acc_t r_term = rs::term_residual<acc_t>(in.u_st[i], in.target_a[i], in.target_b[i], coef);
@@ -196,8 +196,8 @@ bool is_plain_cpu(const at::Tensor& t) {
 }
 
 // Uninitialised outputs for grad_u_st and grad_u_ss, contiguous and shaped like u_st, as the two halves of ONE
-// allocation: as two 1 MB buffers (B = 64, D = 4096 fp32) glibc returned them to the system after every step and
-// the next step paid about 500 page faults (0.3 ms). Plain CPU tensors get the halves without a torch op
+// allocation: glibc returns two separate buffers of this size to the system after every step, and the next step
+// pays page faults to map them again (docs/performance.md). Plain CPU tensors get the halves without a torch op
 // (at::from_blob keeping the buffer's storage alive); traced and CUDA tensors through select and view.
 std::tuple<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& u_st) {
   const at::Tensor both = empty_output({2, u_st.sym_numel()}, u_st.options());

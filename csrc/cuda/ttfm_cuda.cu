@@ -2,7 +2,7 @@
 // Only TORCH_LIBRARY_IMPL(ttfm, CUDA, m) registrations live here; the schemas are declared by the CPU library
 // (csrc/cpu/), which ttfm_kernels._ext loads first. Compiled by `make check-cuda`, not run on a GPU yet.
 //
-// Residual ops (MATH.md sections 1-2), per-element math and per-sample reduction from ttfm/residual.h:
+// Residual ops (docs/math.md sections 1-2), per-element math and per-sample reduction from ttfm/residual.h:
 // - flow_map_step: one elementwise pass.
 // - itvm_residual_loss_fwd: each sample's features are split over several blocks (grid = chunks x B) so a
 //   batch of 64 still fills every SM; each block reduces its chunk with warp shuffles and writes one partial,

@@ -1,5 +1,5 @@
 // Tests of csrc/include/ttfm/residual.h, the math shared by the CPU and CUDA residual kernels, against a
-// straightforward double-precision evaluation of MATH.md section 2 and against finite differences.
+// straightforward double-precision evaluation of docs/math.md section 2 and against finite differences.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -43,7 +43,7 @@ Sample random_sample(int n, unsigned seed) {
   return s;
 }
 
-// The loss of one sample written out directly from MATH.md.
+// The loss of one sample written out directly from docs/math.md section 2.
 double direct_loss(const Sample& s, double lambda_init, double lambda_term, double weight) {
   double si = 0, st = 0;
   const size_t n = s.u_st.size();

@@ -1,4 +1,4 @@
-"""LFMD, EMD, flow matching and PFMM (MATH.md section 3) on the analytic case; LFMD's gradient through the JVP."""
+"""LFMD, EMD, flow matching and PFMM (docs/math.md section 3) on the analytic case; LFMD's gradient through the JVP."""
 
 import pytest
 import torch

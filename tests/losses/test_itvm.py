@@ -1,4 +1,4 @@
-"""ITVM (MATH.md section 2): exact on the analytic case, target rates in delta, gradient placement."""
+"""ITVM (docs/math.md section 2): exact on the analytic case, target rates in delta, gradient placement."""
 
 import itertools
 

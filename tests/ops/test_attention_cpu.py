@@ -26,11 +26,12 @@ TANGENTS = {"all": (1, 1, 1), "q": (1, 0, 0), "k": (0, 1, 0), "v": (0, 0, 1), "q
             "none": (0, 0, 0)}
 
 
-def run_kernel(q, k, v, tq, tk, tv, *, causal, scale, block_q=0, block_k=0):
+def run_kernel(q, k, v, tq, tk, tv, *, causal, scale, block_q=0, block_k=0, bf16_gemm=-1):
     """The raw op with NaN-filled outputs (TTFM_DEBUG_NAN_FILL=1 in tests), so every unwritten value fails."""
     o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
-    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, block_q, block_k)
+    lse, mu = (_alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(2))
+    torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, block_q, block_k,
+                                     bf16_gemm)
     return o, t_o, lse
 
 
@@ -50,10 +51,11 @@ def make_inputs(shape_q, n_k, dtype, which=(1, 1, 1), rising=False):
     return [None if t is None else t.to(dtype) for t in (q, k, v, *tangents)]
 
 
-def check(inputs, *, causal, scale, block_q=0, block_k=0):
+def check(inputs, *, causal, scale, block_q=0, block_k=0, bf16_gemm=-1):
     """The kernel's (o, t_o, lse) match the oracle; t_o is nonzero unless every tangent is absent."""
     dtype = inputs[0].dtype
-    o, t_o, lse = run_kernel(*inputs, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
+    o, t_o, lse = run_kernel(*inputs, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+                             bf16_gemm=bf16_gemm)
     ro, rt, rlse = _oracle(*inputs, causal=causal, scale=scale)
     assert o.dtype == dtype and t_o.dtype == dtype and lse.dtype == torch.float32
     assert_close_to_ref(o, ro, name="o")
@@ -85,6 +87,15 @@ CASES = [
 def test_matches_jvp_of_sdpa(shape_q, n_k, block_q, block_k, causal, dtype):
     inputs = make_inputs(shape_q, n_k, dtype)
     check(inputs, causal=causal, scale=1 / math.sqrt(shape_q[-1]), block_q=block_q, block_k=block_k)
+
+
+@pytest.mark.parametrize("bf16_gemm", [0, 1], ids=["fp32-gemm", "bf16-gemm"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_gemm_paths(causal, bf16_gemm):
+    """bf16 inputs through both GEMM paths (-1, the default, picks bf16 GEMMs where the CPU has avx512_bf16)."""
+    for which in ((1, 1, 1), (0, 1, 0), (0, 0, 1)):
+        inputs = make_inputs((2, 2, 70, 32), 90, torch.bfloat16, which, rising=True)
+        check(inputs, causal=causal, scale=0.3, block_q=16, block_k=32, bf16_gemm=bf16_gemm)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -124,38 +135,41 @@ def test_result_does_not_depend_on_thread_count():
 
 def test_rejects_bad_arguments_before_writing():
     q, k, v, tq, tk, tv = make_inputs((1, 2, 8, 4), 8, torch.float32)
-    o, t_o, lse = torch.zeros_like(q), torch.zeros_like(q), torch.zeros(1, 2, 8)
+    o, t_o, lse, mu = torch.zeros_like(q), torch.zeros_like(q), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
     op = torch.ops.ttfm.jvp_attention_fwd
     with pytest.raises(RuntimeError, match="tk has shape"):
-        op(q, k, v, tq, tk[:, :, :4], tv, False, 0.5, o, t_o, lse)
+        op(q, k, v, tq, tk[:, :, :4], tv, False, 0.5, o, t_o, lse, mu)
     with pytest.raises(RuntimeError, match="tv has dtype"):
-        op(q, k, v, tq, tk, tv.double(), False, 0.5, o, t_o, lse)
-    with pytest.raises(RuntimeError, match="k must be contiguous"):
-        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, tq, tk, tv, False, 0.5, o, t_o, lse)
+        op(q, k, v, tq, tk, tv.double(), False, 0.5, o, t_o, lse, mu)
+    with pytest.raises(RuntimeError, match="k must have a unit last stride"):
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, tq, tk, tv, False, 0.5, o, t_o, lse, mu)
     with pytest.raises(RuntimeError, match="lse must be"):
-        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse.double())
+        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse.double(), mu)
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
-        op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5, o.half(), t_o.half(), lse)
+        op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5, o.half(), t_o.half(), lse, mu)
+    with pytest.raises(RuntimeError, match="bf16_gemm must be"):
+        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, mu, 0, 0, 2)
     with pytest.raises(RuntimeError, match="block sizes"):
-        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, -1, 0)
+        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, mu, -1, 0)
     with pytest.raises(RuntimeError, match="no keys"):
-        op(q, k[:, :, :0], v[:, :, :0], tq, None, None, False, 0.5, o, t_o, lse)
+        op(q, k[:, :, :0], v[:, :, :0], tq, None, None, False, 0.5, o, t_o, lse, mu)
     with pytest.raises(RuntimeError, match="head dim"):
-        op(*(t[..., :0] for t in (q, k, v, tq, tk, tv)), False, 0.5, o[..., :0], t_o[..., :0], lse)
+        op(*(t[..., :0] for t in (q, k, v, tq, tk, tv)), False, 0.5, o[..., :0], t_o[..., :0], lse, mu)
     assert not o.any() and not t_o.any() and not lse.any()
 
 
 def test_opcheck_schema_and_fake_kernel():
     q, k, v, tq, tk, tv = make_inputs((1, 2, 12, 8), 10, torch.float32, (1, 0, 1))
-    args = (q, k, v, tq, tk, tv, True, 0.3, torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 12), 4, 4)
+    args = (q, k, v, tq, tk, tv, True, 0.3, torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 12),
+            torch.empty(1, 2, 12), 4, 4)
     torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd.default, args)
 
 
 @pytest.mark.parametrize("api", ["jvp_attention", "attention-under-func.jvp"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradients_through_o_and_t_o(causal, api):
-    """Reverse-over-forward through the autograd wrapper: the forward runs this kernel (fp32), the backward
-    recomputes the explicit formula; compared with the float64 gradients of torch.func.jvp over math SDPA."""
+    """Reverse-over-forward through the autograd wrapper: the forward and the fused backward run this kernel
+    (fp32); compared with the float64 gradients of torch.func.jvp over math SDPA."""
     inputs = make_inputs((1, 2, 70, 16), 50, torch.float64)
     w_o, w_t = torch.randn(2, 1, 2, 70, 16, dtype=torch.float64)
 
@@ -166,7 +180,7 @@ def test_gradients_through_o_and_t_o(causal, api):
     def fused(args):
         if api == "jvp_attention":
             return jvp_attention(*args, causal=causal, backend="cpu")
-        return torch.func.jvp(lambda q, k, v: attention(q, k, v, causal=causal, backend="cpu"), args[:3], args[3:])
+        return torch.func.jvp(lambda q, k, v: attention(q, k, v, is_causal=causal, backend="cpu"), args[:3], args[3:])
 
     def eager(args):
         with sdpa_kernel(SDPBackend.MATH):

@@ -1,4 +1,4 @@
-"""The residual ops against their reference (MATH.md sections 1-2): values, gradients, bad input, opcheck."""
+"""The residual ops against their reference (docs/math.md sections 1-2): values, gradients, bad input, opcheck."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ NAMES = ("u_st", "u_ss", "v_s", "target_a", "target_b")
 
 
 def make_inputs(shape, dtype=torch.float32, target="jvp", weight=True):
-    """(u_st, u_ss, v_s, target_a, target_b) of ``shape`` and (coef, weight) for one of MATH.md's targets."""
+    """(u_st, u_ss, v_s, target_a, target_b) of ``shape`` and (coef, weight) for a target of docs/math.md section 2."""
     u_st, u_ss, v_s, a, b = (torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(5))
     batch = shape[0]
     s = torch.rand(batch, dtype=torch.float64) * 0.5

@@ -11,7 +11,7 @@ __all__ = ["GuidedTeacher"]
 
 
 class GuidedTeacher(nn.Module):
-    """Wrap a conditional teacher v(x, t, **cond) as the guided field of MATH.md section 1.
+    """Wrap a conditional teacher v(x, t, **cond) as the guided field of docs/math.md section 1.
 
     ``forward(x, t, **cond) = v(x, t, **null_cond) + scale * (v(x, t, **cond) - v(x, t, **null_cond))``,
     two teacher calls. ``null_cond`` holds the unconditional arguments (e.g. ``{"y": null_label}``); a tensor

@@ -1,4 +1,4 @@
-"""The linear interpolant of MATH.md section 1 and the one place sigma is resolved.
+"""The linear interpolant of docs/math.md section 1 and the one place sigma is resolved.
 
 x_t = (1 - t) x0 + t x1 with x0 ~ N(0, sigma^2 I); sigma is one scalar stored with the teacher.
 """

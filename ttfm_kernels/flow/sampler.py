@@ -1,4 +1,4 @@
-"""Sampling with a two-time flow map (MATH.md section 4) and the teacher's reference ODE solve."""
+"""Sampling with a two-time flow map (docs/math.md section 4) and the teacher's reference ODE solve."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The distillation losses (MATH.md sections 2-3), each a thin composition of flow/, jvp and the residual ops.
+"""The distillation losses (docs/math.md sections 2-3), each a thin composition of flow/, jvp and the residual ops.
 
 Every distillation loss is ``loss(student, teacher, x1, *, ema=None, cond=None, teacher_cond=None, x0=None,
 s=None, t=None, sigma=None, weight=None, reduction="mean", time_sampler=None, backend="auto", extrapolate=False,

@@ -1,5 +1,5 @@
 """Argument handling shared by every loss: validation, sigma, noise and time sampling, conditioning batching,
-the per-sample squared error with weights and reduction (MATH.md section 1), and the stats every loss returns."""
+the per-sample squared error with weights and reduction (docs/math.md section 1), and the stats every loss returns."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def squared_error(r: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """The per-sample squared error of MATH.md section 1: l_b = mean over non-batch dims of r^2, then weighted
+    """The per-sample squared error of docs/math.md section 1: l_b = mean over non-batch dims of r^2, then weighted
     and reduced ("mean", "sum", "none"). Accumulates in at least float32."""
     acc = torch.promote_types(r.dtype, torch.float32)
     l_b = r.to(acc).reshape(r.shape[0], -1).square().mean(dim=1)

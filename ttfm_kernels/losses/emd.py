@@ -1,4 +1,4 @@
-"""EMD, the Eulerian flow-map distillation baseline in regression form (MATH.md section 3)."""
+"""EMD, the Eulerian flow-map distillation baseline in regression form (docs/math.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flow matching, the teacher's training loss (MATH.md section 3)."""
+"""Flow matching, the teacher's training loss (docs/math.md section 3)."""
 
 from __future__ import annotations
 

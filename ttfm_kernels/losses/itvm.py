@@ -1,4 +1,4 @@
-"""ITVM: initial/terminal velocity matching (MATH.md section 2), with the pluggable terminal target."""
+"""ITVM: initial/terminal velocity matching (docs/math.md section 2), with the pluggable terminal target."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
     target_T (computed without a graph):
       "jvp" (default): v(phi^-, t) - (t - s) du^-/dt, phi^- = x_s + (t - s) u^-, one JVP of the EMA;
       "euler": (1 - delta) u^-(x_s, s, t') + delta v(phi'^-, t'), t' = t - delta (t - s), no JVP; the term is
-        weighted by 1/delta so its gradient matches "jvp" (MATH.md section 2);
+        weighted by 1/delta so its gradient matches "jvp" (docs/math.md section 2);
       "fd": v(phi^-, t) - (u^-(t) - u^-(t')) / delta, two EMA forwards batched, no JVP.
     ``terminal_init`` adds lambda_init |u(y, r, r) - v(y, r)|^2 at the terminal point y = phi^- (r = t), or
     phi'^- (r = t') for "euler", reusing the teacher call. Times, noise, weights, sigma and ``reduction`` as in

@@ -1,4 +1,4 @@
-"""LFMD / LMD, the Lagrangian flow-map distillation baseline (MATH.md section 3), semigradient form."""
+"""LFMD / LMD, the Lagrangian flow-map distillation baseline (docs/math.md section 3), semigradient form."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PFMM, progressive flow-map matching (MATH.md section 3): a jump matches two half jumps of a frozen copy."""
+"""PFMM, progressive flow-map matching (docs/math.md section 3): a jump matches two half jumps of a frozen copy."""
 
 from __future__ import annotations
 

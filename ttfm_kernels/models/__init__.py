@@ -1,4 +1,4 @@
-"""Reference models: teachers v(x, t) and two-time students u(x, s, t) (CONTRACTS.md "Modules and models")."""
+"""Reference models: teachers v(x, t) and two-time students u(x, s, t) (docs/design.md, "Modules and models")."""
 
 from ttfm_kernels.models.dit import DiT, TwoTimeDiT
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding, sinusoidal_embedding

@@ -141,7 +141,7 @@ class DiT(TeacherModel, _DiTBase):
 
     x: (B, in_channels, image_size, image_size); t: (B,) float times in [0, 1]; y: optional (B,) class labels
     when ``num_classes > 0`` (``num_classes`` is the null class; None means null). ``sigma``: the noise scale
-    of x0 ~ N(0, sigma^2 I) (MATH.md section 1). ``time_scale`` multiplies t in the sinusoidal embedding.
+    of x0 ~ N(0, sigma^2 I) (docs/math.md section 1). ``time_scale`` multiplies t in the sinusoidal embedding.
     Presets (``from_preset``): "tiny" (8x8, hidden 64, depth 2), "small" (32x32, hidden 192, depth 6),
     "base" (32x32, hidden 384, depth 12).
     """

@@ -7,7 +7,7 @@ A teacher v(x, t) embeds t with ``TimeEmbedding``. A student u(x, s, t) embeds s
 ``TwoTimeEmbedding``: the sum of an s-embedding and a (t - s)-embedding. With the (t - s) branch's output
 layer zeroed, the student's conditioning equals the teacher's conditioning at time s, which is how
 ``from_teacher`` makes u(x, s, t) start equal to v(x, s). The t-tangent then enters only through the (t - s)
-branch (MATH.md section 1).
+branch (docs/math.md section 1).
 """
 
 from __future__ import annotations

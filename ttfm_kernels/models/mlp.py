@@ -68,7 +68,7 @@ class MLP(_MLPBase):
     """Flow-matching teacher v(x, t) for points in R^dim.
 
     x: (B, dim) floating, t: (B,) floating in [0, 1] -> (B, dim). ``sigma`` is the noise scale of x0 ~ N(0,
-    sigma^2 I) it was (or will be) trained with (MATH.md section 1). ``time_scale`` multiplies t inside the
+    sigma^2 I) it was (or will be) trained with (docs/math.md section 1). ``time_scale`` multiplies t inside the
     sinusoidal embedding (frequencies from time_scale down to time_scale / max_period). The default 1.0 keeps
     d/dt of the embedding small: on the 2D demo, students built with time_scale 10 or 100 made the ITVM "jvp"
     and EMD targets (which contain (t - s) du/dt of a stop-gradient copy) grow without bound within a few

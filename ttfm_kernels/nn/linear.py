@@ -1,7 +1,7 @@
 """Conv2d and Linear whose forward-mode tangent is ONE call on primal and tangent stacked along the batch dim.
 
 Both layers are linear in their input, so with weights that carry no tangent (always true in ``jvp_t`` and
-``jvp_sx``) the tangent is the same op, without bias, on the tangent (MATH.md section 6). torch's own
+``jvp_sx``) the tangent is the same op, without bias, on the tangent (docs/math.md section 6). torch's own
 forward-AD rule runs the op twice; here the primal and the tangent share one call. Drop-in subclasses of
 torch's modules: same constructor arguments, same state_dict keys. The result stays differentiable end to end
 (gradients through the tangent included). A weight that does carry a tangent falls back to torch's own rule.
@@ -9,21 +9,29 @@ torch's modules: same constructor arguments, same state_dict keys. The result st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv2d", "Linear"]
+__all__ = ["Conv2d", "Linear", "stacked_tangent"]
 
 
 def _has_tangent(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _stacked(op, x: torch.Tensor, tx: torch.Tensor, bias: torch.Tensor | None, batched: bool,
-             bias_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(op(x) + bias, op(tx)) from one call of the bias-free ``op`` on x and tx stacked along dim 0."""
+def stacked_tangent(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tx: torch.Tensor,
+                    bias: torch.Tensor | None, batched: bool,
+                    bias_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(op(x) + bias, op(tx)) from one call of the bias-free, input-linear ``op`` on x and tx stacked along dim 0.
+
+    ``batched``: x has a batch dim (x and tx are concatenated along it); otherwise a new leading dim is stacked
+    (an unbatched input is never stacked along its channel dim). ``bias_shape``: how the (out,) bias broadcasts
+    against one output. Used by the layers here and by ``ttfm_kernels.fused_jvp`` for F.linear / F.conv*d.
+    """
     if batched:
         out = op(torch.cat((x, tx)))
         y, ty = out[: x.shape[0]], out[x.shape[0]:]
@@ -55,7 +63,7 @@ class _StackedTangent:
         """(layer(x), layer(tx) without bias) in one call; tx None gives (layer(x), None)."""
         if tx is None:
             return super().forward(x), None
-        return _stacked(self._bias_free, x, tx, self.bias, self._batched(x), self._bias_shape)
+        return stacked_tangent(self._bias_free, x, tx, self.bias, self._batched(x), self._bias_shape)
 
 
 class Conv2d(_StackedTangent, nn.Conv2d):

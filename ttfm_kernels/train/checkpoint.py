@@ -1,4 +1,4 @@
-"""Checkpoints (CONTRACTS.md "Command line and files"): one complete file per save, written atomically.
+"""Checkpoints (docs/design.md, "Command line and files"): one complete file per save, written atomically.
 
 A checkpoint is a dict with the keys in ``REQUIRED_KEYS``: model, EMA, optimizer and scheduler state dicts,
 the step, the RNG states (torch, numpy, python), the data position (the data generator's state), the run's

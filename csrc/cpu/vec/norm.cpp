@@ -1,4 +1,4 @@
-// CPU kernel of the modulated norm op and its JVP (MATH.md section 6), vectorized with at::vec.
+// CPU kernel of the modulated norm op and its JVP (docs/math.md section 6), vectorized with at::vec.
 //
 // One "row" is what one set of statistics covers: a row of C features (LayerNorm, num_groups == 0, x viewed
 // as (B, N, C)) or one group of C/G channels x HW positions (GroupNorm, x (B, C, HW)). Rows run in parallel;

@@ -1,4 +1,4 @@
-// Per-element math and per-sample reduction of the ITVM residual loss (MATH.md sections 1-2), shared by the
+// Per-element math and per-sample reduction of the ITVM residual loss (docs/math.md sections 1-2), shared by the
 // C++ CPU kernel (csrc/cpu/residual.cpp) and the CUDA kernel (csrc/cuda/ttfm_cuda.cu), so the arithmetic the
 // GPU runs is the arithmetic the CPU tests check. Plain C++17, no torch: csrc/tests/ tests it under ctest.
 //

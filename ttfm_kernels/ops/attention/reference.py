@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) JVP of attention: the explicit formula of MATH.md section 5. The oracle.
+"""Reference (pure PyTorch) JVP of attention: the explicit formula of docs/math.md section 5. The oracle.
 
 Materializes the (Nq, Nk) score matrix, so it costs O(Nq * Nk) memory; it is differentiable in every input
 (the fused backends recompute with it in backward) and exact in float64.

@@ -1,32 +1,34 @@
 """Public entry points of the modulated norm op: validation, backend dispatch, autograd and forward AD.
 
-``jvp_norm_modulate_silu`` takes explicit tangents and returns (y, ty) (MATH.md section 6);
+``jvp_norm_modulate_silu`` takes explicit tangents and returns (y, ty) (docs/math.md section 6);
 ``norm_modulate_silu`` is the same op for forward-mode AD (``torch.func.jvp`` / ``forward_ad``): it reads the
 tangents off its dual inputs and attaches ty to y. Backends: "reference" (``reference.py``), "cpu"
 (``csrc/cpu/vec/norm.cpp``) and "triton" (``triton.py``; GPU, or CPU under ``TRITON_INTERPRET=1``).
 
 With tangents, ONE kernel call produces y and ty; both are differentiable, and the backward recomputes
-from the explicit reference formula (TOOLCHAIN.md, "Forward-mode AD: the pattern"). Without tangents the
+from the explicit reference formula (docs/design.md, "The forward-AD pattern"). Without tangents the
 op is torch's own norm + modulation + SiLU when a graph is needed, else the kernel without its tangent.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
-from ttfm_kernels._checks import check_float, check_like
+from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
 from ttfm_kernels._precision import cast, no_autocast
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
-__all__ = ["jvp_norm_modulate_silu", "norm_modulate_silu"]
+__all__ = ["group_norm_jvp", "jvp_norm_modulate_silu", "layer_norm_jvp", "norm_modulate_silu"]
 
-_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
     "reference": always,
-    "cpu": ext_kernel("norm_modulate_jvp", "CPU", _FLOAT),
+    "cpu": ext_kernel("norm_modulate_jvp", "CPU", FLOAT_DTYPES),
     "triton": triton_kernel(),
 }, gpu_order=("triton",))
 _ACTIVATIONS = ("silu", None)
@@ -52,7 +54,7 @@ def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str
 
 def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, num_groups: int | None,
               weight: Opt, bias: Opt, activation: str | None) -> None:
-    check_float("x", x, _FLOAT)
+    check_float("x", x, FLOAT_DTYPES)
     if num_groups is None:
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B, N, C) for LayerNorm (num_groups=None), got {tuple(x.shape)}")
@@ -80,7 +82,7 @@ def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tsh
             _check_sized(name, t, (channels,), "(C,)", x)
             if fwAD.unpack_dual(t).tangent is not None:
                 raise ValueError(f"{name} carries a forward-AD tangent: a JVP with respect to the norm's "
-                                 "parameters is not supported (MATH.md section 6)")
+                                 "parameters is not supported (docs/math.md section 6)")
 
 
 def _run_kernel(name: str, x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
@@ -175,7 +177,7 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
                            tscale: Opt = None, tshift: Opt = None, *, num_groups: int | None = None,
                            weight: Opt = None, bias: Opt = None, eps: float = 1e-5,
                            activation: str | None = "silu", backend: str = "auto") -> tuple[torch.Tensor, Opt]:
-    """Fused norm + modulation + SiLU and its JVP with explicit tangents (MATH.md section 6).
+    """Fused norm + modulation + SiLU and its JVP with explicit tangents (docs/math.md section 6).
 
     x, tx: (B, N, C) with ``num_groups=None`` (LayerNorm over C), or (B, C, H, W) with ``num_groups=G``
     (GroupNorm, G dividing C); scale, shift, tscale, tshift: (B, C); weight, bias: (C,) (the norm's affine,
@@ -215,3 +217,38 @@ def norm_modulate_silu(x: torch.Tensor, scale: Opt = None, shift: Opt = None, *,
     _validate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, activation)
     y, ty = _norm_modulate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
     return y if ty is None else fwAD.make_dual(y, ty)
+
+
+def _flat(t: Opt, shape: tuple[int, ...]) -> Opt:
+    return None if t is None else t.reshape(shape)
+
+
+def layer_norm_jvp(x: torch.Tensor, tx: Opt, normalized_shape: Sequence[int], weight: Opt = None,
+                   bias: Opt = None, eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.layer_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (..., *normalized_shape), viewed as the op's (1, rows, C) LayerNorm form with C = prod(normalized_shape);
+    weight, bias: ``normalized_shape`` or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.layer_norm(x, normalized_shape, weight, bias, eps), (x,), (tx,))``.
+    """
+    channels = math.prod(normalized_shape)
+    rows = (1, -1, channels)
+    y, ty = jvp_norm_modulate_silu(_flat(x, rows), _flat(tx, rows), weight=_flat(weight, (channels,)),
+                                   bias=_flat(bias, (channels,)), eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)
+
+
+def group_norm_jvp(x: torch.Tensor, tx: Opt, num_groups: int, weight: Opt = None, bias: Opt = None,
+                   eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.group_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (N, C, *) with any number of spatial dims (none included), viewed as the op's (N, C, L, 1) GroupNorm
+    form; weight, bias: (C,) or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.group_norm(x, num_groups, weight, bias, eps), (x,), (tx,))``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) for group_norm, got {tuple(x.shape)}")
+    form = (x.shape[0], x.shape[1], -1, 1)
+    y, ty = jvp_norm_modulate_silu(x.reshape(form), _flat(tx, form), num_groups=num_groups, weight=weight,
+                                   bias=bias, eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)

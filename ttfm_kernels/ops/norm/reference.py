@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) formulas of the modulated norm op: MATH.md section 6. The oracle.
+"""Reference (pure PyTorch) formulas of the modulated norm op: docs/math.md section 6. The oracle.
 
 Layouts: ``num_groups=None`` is LayerNorm over the last dim of x (B, N, C); an int is GroupNorm of
 x (B, C, H, W) (statistics over each group's C / num_groups channels and all spatial positions).
@@ -57,7 +57,7 @@ def norm_modulate_jvp_reference(x: torch.Tensor, tx: torch.Tensor | None = None,
                                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                                 eps: float = 1e-5, activation: str | None = "silu",
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, ty) from the explicit formulas of MATH.md section 6, accumulated in at least float32.
+    """(y, ty) from the explicit formulas of docs/math.md section 6, accumulated in at least float32.
 
     x, tx: (B, N, C) or (B, C, H, W); scale, shift, tscale, tshift: (B, C); weight, bias: (C,); any may be
     None (a missing tangent is zero, a missing scale/shift is zero, a missing weight/bias is 1/0).

@@ -1,4 +1,4 @@
-"""Triton kernel of the modulated norm op and its JVP (MATH.md section 6).
+"""Triton kernel of the modulated norm op and its JVP (docs/math.md section 6).
 
 One program per "row": a row of C features (LayerNorm, x viewed as (B, N, C)) or one group of C/G channels
 x HW positions (GroupNorm, x (B, C, HW)). Statistics (mean, variance, mean(tx), covariance of x and tx) are

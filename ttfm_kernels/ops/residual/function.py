@@ -1,7 +1,7 @@
 """Public entry points of the residual ops: validation, backend dispatch, autograd.
 
 ``flow_map_step`` builds X_{s,t}(x) = x + (t - s) u; ``itvm_residual_loss`` is the ITVM loss from its
-residuals (MATH.md section 2). Backends: "reference" (``reference.py``), "cpu" (``csrc/cpu/residual.cpp``) and
+residuals (docs/math.md section 2). Backends: "reference" (``reference.py``), "cpu" (``csrc/cpu/residual.cpp``) and
 "cuda" (``csrc/cuda/ttfm_cuda.cu``; compiled, not run on a GPU), both built on ``csrc/include/ttfm/residual.h``.
 
 The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp) with its
@@ -22,7 +22,7 @@ import torch
 from torch.autograd import forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
-from ttfm_kernels._checks import check_float, check_like, check_per_sample
+from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_per_sample
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
 from ttfm_kernels._per_sample import REDUCTIONS
 from ttfm_kernels.ops.residual.reference import (
@@ -32,16 +32,15 @@ from ttfm_kernels.ops.residual.reference import (
 
 __all__ = ["flow_map_step", "itvm_residual_loss"]
 
-_FLOAT = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _FLOW_MAP_STEP = OpBackends("flow_map_step", {
     "reference": always,
-    "cpu": ext_kernel("flow_map_step", "CPU", _FLOAT),
-    "cuda": ext_kernel("flow_map_step", "CUDA", _FLOAT),
+    "cpu": ext_kernel("flow_map_step", "CPU", FLOAT_DTYPES),
+    "cuda": ext_kernel("flow_map_step", "CUDA", FLOAT_DTYPES),
 }, gpu_order=("cuda",))
 _RESIDUAL = OpBackends("itvm_residual_loss", {
     "reference": always,
-    "cpu": ext_kernel("itvm_residual_loss_fwd", "CPU", _FLOAT),
-    "cuda": ext_kernel("itvm_residual_loss_fwd", "CUDA", _FLOAT),
+    "cpu": ext_kernel("itvm_residual_loss_fwd", "CPU", FLOAT_DTYPES),
+    "cuda": ext_kernel("itvm_residual_loss_fwd", "CUDA", FLOAT_DTYPES),
 }, gpu_order=("cuda",))
 
 
@@ -118,7 +117,7 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
                        target_b: torch.Tensor, coef: torch.Tensor, *, weight: torch.Tensor | None = None,
                        lambda_init: float = 1.0, lambda_term: float = 1.0, reduction: str = "mean",
                        backend: str = "auto") -> torch.Tensor:
-    """The ITVM loss from its residuals, with target_T = target_a + coef * target_b (MATH.md section 2).
+    """The ITVM loss from its residuals, with target_T = target_a + coef * target_b (docs/math.md section 2).
 
     u_st, u_ss, v_s, target_a, target_b: (B, ...) floating, of any mix of dtypes (e.g. a bf16 student's u_st,
     u_ss beside fp32 targets): all are cast to their promoted dtype at the boundary (an exact upcast), and the

@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) formulas of the residual ops: MATH.md sections 1 and 2. The oracle."""
+"""Reference (pure PyTorch) formulas of the residual ops: docs/math.md sections 1 and 2. The oracle."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def itvm_residual_loss_reference(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: to
                                  target_a: torch.Tensor, target_b: torch.Tensor, coef: torch.Tensor, *,
                                  weight: torch.Tensor | None = None, lambda_init: float = 1.0,
                                  lambda_term: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """The ITVM loss from its residuals (MATH.md section 2), accumulated in at least float32.
+    """The ITVM loss from its residuals (docs/math.md section 2), accumulated in at least float32.
 
     r_I = u_ss - v_s, r_T = u_st - (target_a + coef * target_b), l_b = lambda_init * mean(r_I^2) +
     lambda_term * mean(r_T^2) over the non-batch dims; then weights and ``reduction`` ("mean", "sum", "none").
