@@ -8,7 +8,7 @@ CUDA is unavailable (``tests/gpu/``).
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch  # importing torch defines no @triton.jit kernel, so the decision below may ask it about CUDA
 
@@ -44,3 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _seed() -> None:
     """Every test starts from the same RNG state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test: tiny convolutions spin for seconds on two threads of a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,8 +37,8 @@ def stacked_tangent(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         y, ty = out[: x.shape[0]], out[x.shape[0]:]
     else:  # no batch dim: stack one
         y, ty = op(torch.stack((x, tx))).unbind(0)
-    if bias is not None:
-        y = y + bias.view(bias_shape)
+    if bias is not None:  # in the output's dtype, as F.linear / conv add it under autocast (no promotion)
+        y = y + bias.view(bias_shape).to(y.dtype)
     return y, ty
 
 

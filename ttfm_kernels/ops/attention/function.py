@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ttfm_kernels import _alloc
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_rank
 from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
+from ttfm_kernels._precision import autocast_inputs, no_autocast
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
 __all__ = ["attention", "jvp_attention", "patch_sdpa"]
@@ -91,7 +92,8 @@ def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" and "triton" backends
     (None on "reference"), for their fused backward."""
     if name == "reference":
-        o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
+        with no_autocast(q.device):
+            o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
         return o, t_o, lse.float(), None
     o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -181,7 +183,7 @@ class _JvpAttentionFn(torch.autograd.Function):
             for i in wanted:
                 grads[i] = found[i]
             return tuple(grads)
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast(saved[0].device):
             leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
                       for i, t in enumerate(saved[:6])]
             outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
@@ -209,12 +211,15 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); tq, tk, tv: tangents shaped like q, k, v, or None (zero, and their
     products are skipped). float64/32/16 and bfloat16; accumulation in float32 (float64 on the reference).
+    Precision: the compute and output dtype is q's, or under ``torch.autocast`` the autocast dtype (like
+    torch's SDPA: every input but a float64 one is cast to it at the boundary); lse is float32.
     ``scale`` defaults to 1/sqrt(D); ``causal`` masks key j > query i (top-left, like SDPA's is_causal).
     Returns (o, t_o), or (o, t_o, lse) with lse = logsumexp of the scaled scores, (B, H, Nq) float32.
     Every output is differentiable in every input (on "cpu" by the fused O(N)-memory backward).
     Eager equivalent: ``torch.func.jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale), (q, k, v), (tq, tk, tv))`` with zeros for absent tangents.
     """
+    q, k, v, tq, tk, tv = autocast_inputs(q, k, v, tq, tk, tv)
     _validate(q, k, v, tq, tk, tv)
     name = _select(backend, q)
     o, t_o, lse, _ = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
@@ -252,7 +257,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     tangent come from one fused pass (``jvp_attention``), both differentiable (reverse-over-forward works);
     ``enable_gqa`` repeats the key/value heads first, as SDPA does. An explicit ``attn_mask``, ``dropout_p > 0``
     or shapes the fused op does not take (broadcast batch dims, Dv != D) run torch's math SDPA instead (exact
-    tangents, not fused), with one warning per reason. Eager equivalent: ``F.scaled_dot_product_attention``.
+    tangents, not fused), with one warning per reason. Under ``torch.autocast`` the fused pass computes in the
+    autocast dtype, like torch's SDPA (see ``jvp_attention``). Eager equivalent: ``F.scaled_dot_product_attention``.
     """
     (qp, tq), (kp, tk), (vp, tv) = (fwAD.unpack_dual(t) for t in (query, key, value))
     if tq is None and tk is None and tv is None:
@@ -266,6 +272,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         warn_once("attention", f"{reason}: this JVP runs torch's math SDPA (exact, not fused)")
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    qp, kp, vp, tq, tk, tv = autocast_inputs(qp, kp, vp, tq, tk, tv)  # the dtype autocast gives SDPA
     q4, k4, v4, tq4, tk4, tv4 = (_as_4d(t) for t in (qp, kp, vp, tq, tk, tv))
     _validate(q4, k4, v4, tq4, tk4, tv4)
     name = _select(backend, q4)

@@ -21,6 +21,7 @@ import torch.autograd.forward_ad as fwAD
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
+from ttfm_kernels._precision import cast, no_autocast
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
 __all__ = ["group_norm_jvp", "jvp_norm_modulate_silu", "layer_norm_jvp", "norm_modulate_silu"]
@@ -41,12 +42,14 @@ if _ext.has_op("norm_modulate_jvp"):
 
 
 def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str, x: torch.Tensor) -> None:
-    """Raise unless ``t`` is a floating tensor of ``shape`` with x's dtype and device."""
+    """Raise unless ``t`` is a floating tensor of ``shape`` on x's device (any floating dtype: the per-channel
+    and per-sample inputs are read in the float32 accumulator)."""
     check_float(name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {layout} = {shape} for x of shape {tuple(x.shape)}, "
                          f"got {tuple(t.shape)}")
-    check_like(name, t, "x", x, shape=False)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, expected {x.device} like x")
 
 
 def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, num_groups: int | None,
@@ -152,14 +155,16 @@ def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt
     name = _BACKENDS.select(backend, x.device, x.dtype)
     has_tangent = any(t is not None for t in (tx, tscale, tshift))
     if name == "reference":
-        return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
-                                           weight=weight, bias=bias, eps=eps, activation=activation)
+        with no_autocast(x.device):
+            return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
+                                               weight=weight, bias=bias, eps=eps, activation=activation)
     if has_tangent:
         return _NormModulateJvpFn.apply(x, tx, scale, shift, tscale, tshift, weight, bias, num_groups, eps,
                                         activation, name)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, shift, weight, bias)):
-        return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                                   activation=activation), None
+        with no_autocast(x.device):
+            return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                                       activation=activation), None
     return _run_kernel(name, x, None, scale, shift, None, None, num_groups, weight, bias, eps,
                        activation == "silu", want_ty=False)
 
@@ -176,15 +181,20 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
 
     x, tx: (B, N, C) with ``num_groups=None`` (LayerNorm over C), or (B, C, H, W) with ``num_groups=G``
     (GroupNorm, G dividing C); scale, shift, tscale, tshift: (B, C); weight, bias: (C,) (the norm's affine,
-    no tangent). All of x's dtype (float64/32/16, bfloat16) and device; any of them may be None.
+    no tangent), on x's device; any of them may be None. Precision: x (float64/32/16, bfloat16; bf16 activations
+    under autocast) sets the compute and output dtype, tx is cast to it at the boundary; the per-channel and
+    per-sample inputs (scale, shift, their tangents, weight, bias) may have any floating dtype (e.g. an fp32
+    modulation beside bf16 activations) and are read in float32, where the statistics are accumulated
+    (float64 for float64 x); autocast does not change this op (its arithmetic runs with autocast off).
     Returns (y, ty) in x's dtype; ty is None when every tangent is None. Eager equivalent::
 
         y = silu((F.layer_norm(x, (C,), weight, bias, eps) * (1 + scale[:, None]) + shift[:, None]))
         ty = the JVP of that with tangents (tx, tscale, tshift)   # GroupNorm: F.group_norm, scale[..., None, None]
 
     ``activation=None`` drops the SiLU. y and ty are differentiable in every input (gradients through the
-    tangent included). Statistics are accumulated in float32 (float64 for float64 inputs).
+    tangent included).
     """
+    tx = cast(tx, x.dtype) if isinstance(x, torch.Tensor) else tx
     _validate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, activation)
     if _has_dual(x, tx, scale, shift, tscale, tshift):
         backend = "reference"  # nested forward AD through the explicit API: the plain formula carries it
@@ -203,6 +213,7 @@ def norm_modulate_silu(x: torch.Tensor, scale: Opt = None, shift: Opt = None, *,
     xp, tx = fwAD.unpack_dual(x)
     sp, tscale = fwAD.unpack_dual(scale) if scale is not None else (None, None)
     shp, tshift = fwAD.unpack_dual(shift) if shift is not None else (None, None)
+    tx = cast(tx, xp.dtype)
     _validate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, activation)
     y, ty = _norm_modulate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
     return y if ty is None else fwAD.make_dual(y, ty)
