@@ -7,6 +7,14 @@
 - The JVP alone: ``jvp_t`` through the fused layers against ``torch.func.jvp`` over the eager twin (the same
   weights in plain torch modules: math SDPA, nn.LayerNorm / GroupNorm + modulation + SiLU), which is what a user
   without this library runs.
+- The explicit-tangent pass ``forward_jvp`` (tangent in t) against the model's own forward, both without a graph.
+  Targets: <= 2.1x (DiT), <= 2.3x (U-Net).
+- One training step per loss (ITVM jvp / euler / fd, LFMD, EMD): eager, the loss computation compiled with
+  ``torch.compile(fullgraph=True, backend="aot_eager")`` (backward outside, through AOTAutograd's compiled
+  backward), and each phase alone on fixed inputs (target network, teacher, student forward + backward, loss op);
+  ``step/sum-of-phases`` is the eager step over the sum of the phase medians (above 1: overhead between phases).
+  Target: compiled >= 1.0x eager. LFMD's compile needs ``torch._dynamo.config.trace_autograd_ops = True`` (its
+  JVP keeps a graph, so Dynamo traces the fused ops' backward, which calls torch.autograd.grad).
 Weights are perturbed away from their zero initialisation, as after training, so every tangent is non-trivial.
 """
 
@@ -18,7 +26,8 @@ import pytest
 import torch
 
 from tests.models.twin import eager_twin
-from ttfm_kernels import itvm_loss, jvp_t, models, use_backend
+from ttfm_kernels import EMA, emd_loss, itvm_loss, itvm_residual_loss, jvp_sx, jvp_t, lfmd_loss, models, use_backend
+from ttfm_kernels.losses._common import squared_error
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
 # (label, teacher class, student class, batch): batches sized for about 0.1-1 s per step on 2 cores.
@@ -102,3 +111,117 @@ def test_student_jvp_cpu(compare, label, teacher_cls, student_cls, batch) -> Non
     res = compare(case=f"student jvp_t cpu {label} fp32", fns={"eager": eager, "fused": fused},
                   baseline="eager", check=check, rounds=5)
     res.check_speedup("fused", floor=STUDENT_JVP_FLOOR)
+
+
+#: The forward_jvp / forward targets of the issue, per student class.
+JVP_TARGETS = {"TwoTimeDiT": 2.1, "TwoTimeUNet": 2.3}
+
+
+@pytest.mark.parametrize(("label", "teacher_cls", "student_cls", "batch"), CASES, ids=IDS)
+def test_forward_jvp_vs_forward_cpu(compare, label, teacher_cls, student_cls, batch) -> None:
+    _, student, (x, _, s, t) = _setup(teacher_cls, student_cls, batch)
+    ones = torch.ones_like(t)
+
+    @torch.no_grad()
+    def forward():
+        return student(x, s, t)
+
+    @torch.no_grad()
+    def forward_jvp():
+        return student.forward_jvp(x, s, t, tt=ones)
+
+    def check() -> None:
+        u, du = forward_jvp()
+        assert_nontrivial(du, "du/dt")
+        assert_close_to_ref(u, forward(), name="u", scale=NETWORK_SCALE)
+
+    res = compare(case=f"forward_jvp vs forward cpu {label} fp32", fns={"forward": forward,
+                                                                       "forward_jvp": forward_jvp},
+                  baseline="forward", check=check, rounds=7)
+    ratio = res.median("forward_jvp") / res.median("forward")
+    res.record("forward_jvp/forward", ratio)
+    assert ratio <= JVP_TARGETS[student_cls.__name__]
+
+
+LOSSES = ["itvm-jvp", "itvm-euler", "itvm-fd", "lfmd", "emd"]
+DELTA = 0.1
+
+
+def _loss_fn(loss: str, student, teacher, ema):
+    """The loss computation of one step, (x1, x0) -> (loss, stats); the loss draws its times."""
+    if loss.startswith("itvm"):
+        target = loss.split("-")[1]
+        return lambda x1, x0: itvm_loss(student, teacher, x1, ema=ema, x0=x0, target=target, delta=DELTA)
+    if loss == "lfmd":
+        return lambda x1, x0: lfmd_loss(student, teacher, x1, x0=x0)
+    return lambda x1, x0: emd_loss(student, teacher, x1, ema=ema, x0=x0)
+
+
+def _phases(loss: str, student, teacher, ema, x, s, t) -> dict:
+    """Each phase of the step alone, on fixed inputs shaped as in the loss: name -> zero-argument callable."""
+    x2, s2, t2 = torch.cat([x, x]), torch.cat([s, s]), torch.cat([t, s])
+    g = torch.randn_like(x)
+
+    def backward_of(out: torch.Tensor, grad: torch.Tensor) -> None:
+        student.zero_grad(set_to_none=True)
+        out.backward(grad)
+
+    def loss_op(fn, *shapes: torch.Tensor):
+        leaves = [a.detach().clone().requires_grad_(True) for a in shapes]
+        return lambda: fn(*leaves).backward()
+
+    nograd = torch.no_grad()
+    if loss.startswith("itvm"):
+        target = loss.split("-")[1]
+        t_prime = t - DELTA * (t - s)
+        ema_phase = {"jvp": lambda: jvp_t(ema, x, s, t), "euler": lambda: ema(x, s, t_prime),
+                     "fd": lambda: ema(x2, s2, torch.cat([t, t_prime]))}[target]
+        coef = s - t
+        return {"target net": nograd(ema_phase),
+                "teacher": nograd(lambda: teacher(x2, torch.cat([s, t]))),
+                "student f+b": lambda: backward_of(student(x2, s2, t2), torch.cat([g, g])),
+                "loss op": loss_op(lambda a, b: itvm_residual_loss(a, b, x, x, x, coef), x, x)}
+    if loss == "lfmd":
+        def student_phase() -> None:
+            student.zero_grad(set_to_none=True)
+            u, du = jvp_t(student, x, s, t, create_graph=True)
+            torch.autograd.backward((u, du), (g, g))
+
+        return {"teacher": nograd(lambda: teacher(x, t)), "student f+b": student_phase,
+                "loss op": loss_op(lambda r: squared_error(r, None, "mean"), x)}
+    return {"teacher": nograd(lambda: teacher(x, s)), "target net": nograd(lambda: jvp_sx(ema, x, s, t, g)),
+            "student f+b": lambda: backward_of(student(x, s, t), g),
+            "loss op": loss_op(lambda r: squared_error(r, None, "mean"), x)}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(("label", "teacher_cls", "student_cls", "batch"), CASES, ids=IDS)
+def test_step_phases_and_compiled_cpu(compare, label, teacher_cls, student_cls, batch, loss) -> None:
+    teacher, student, (x1, x0, s, t) = _setup(teacher_cls, student_cls, batch)
+    ema = EMA(student)
+    fn = _loss_fn(loss, student, teacher, ema)
+    torch.compiler.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+    def step(f) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        student.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drawn times in every run
+        with torch._dynamo.config.patch(trace_autograd_ops=loss == "lfmd"):
+            value, _ = f(x1, x0)
+        value.backward()
+        return value.detach(), [p.grad for p in student.parameters()]
+
+    def check() -> None:
+        loss_c, grads_c = step(compiled)  # also the compile, outside the timed rounds
+        loss_e, grads_e = step(fn)
+        assert_close_to_ref(loss_c, loss_e, name="loss", scale=NETWORK_SCALE)
+        for g_c, g_e in zip(grads_c, grads_e, strict=True):
+            if g_e is not None:
+                assert_close_to_ref(g_c, g_e, name="student gradient", scale=NETWORK_SCALE)
+
+    phases = _phases(loss, student, teacher, ema, x1, s, t)
+    res = compare(case=f"{loss} step phases cpu {label} fp32",
+                  fns={"eager step": lambda: step(fn), "compiled step": lambda: step(compiled), **phases},
+                  baseline="eager step", check=check, rounds=3)
+    res.record("step/sum-of-phases", res.median("eager step") / sum(res.median(name) for name in phases))
+    assert res.speedup("compiled step") >= 1.0

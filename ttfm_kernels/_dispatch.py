@@ -14,6 +14,11 @@ Each op declares its backends once, as an ``OpBackends`` whose checks return Non
         "cpu": ext_kernel("flow_map_step", "CPU"),
     })
     name = _BACKENDS.select(backend, x.device, x.dtype)
+
+Under ``torch.compile`` the selection is resolved while Dynamo traces (``torch.compiler.assume_constant_result``:
+the context variable, the environment and the extension registry are read then, outside the graph) and the
+chosen name is a constant of the graph, so ``fullgraph=True`` works. A compiled graph keeps the backend it was
+traced with: entering another ``use_backend`` later does not retrace it (``torch.compiler.reset()`` does).
 """
 
 from __future__ import annotations
@@ -69,11 +74,25 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def current_backend() -> str:
-    """The default backend in force here: the innermost ``use_backend``, else ``TTFM_BACKEND``, else "auto"."""
+    """The default backend in force here: the innermost ``use_backend``, else ``TTFM_BACKEND``, else "auto".
+
+    Traceable: under ``torch.compile`` it is read once, while tracing, and is a constant of the graph.
+    """
+    if torch.compiler.is_compiling():
+        return _traced_current_backend()
+    return _current_backend()
+
+
+def _current_backend() -> str:
     name = _context_backend.get()
     if name is not None:
         return name
     return _validate(os.environ.get("TTFM_BACKEND", "auto"), "TTFM_BACKEND")
+
+
+@torch.compiler.assume_constant_result
+def _traced_current_backend() -> str:
+    return _current_backend()
 
 
 def warn_once(op: str, reason: str) -> None:
@@ -136,10 +155,18 @@ class OpBackends:
     gpu_order: tuple[str, ...] = ("triton", "cuda")
 
     def select(self, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-        """Resolve ``backend`` (possibly "auto") to a concrete backend name for this call."""
+        """Resolve ``backend`` (possibly "auto") to a concrete backend name for this call.
+
+        Traceable: under ``torch.compile`` the name is resolved while tracing and is a constant of the graph.
+        """
+        if torch.compiler.is_compiling():
+            return _traced_select(self, backend, device, dtype)
+        return self._select(backend, device, dtype)
+
+    def _select(self, backend: str, device: torch.device, dtype: torch.dtype) -> str:
         name = _validate(backend, "backend")
         if name == "auto":
-            name = current_backend()
+            name = _current_backend()
         if name != "auto":
             check = self.checks.get(name)
             if check is None:
@@ -159,3 +186,9 @@ class OpBackends:
                 return candidate
             warn_once(self.op, f"backend {candidate!r} skipped: {reason}")
         raise BackendUnavailableError(f"ttfm_kernels.{self.op}: no backend can run {dtype} on {device}")
+
+
+@torch.compiler.assume_constant_result
+def _traced_select(op: OpBackends, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``op.select`` run by Dynamo at trace time (Python values in, a constant string out)."""
+    return op._select(backend, device, dtype)

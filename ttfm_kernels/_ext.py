@@ -85,7 +85,21 @@ def has_op(name: str) -> bool:
 
 
 def has_kernel(name: str, dispatch_key: str) -> bool:
-    """True when ``torch.ops.ttfm.<name>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA", "Meta" ...)."""
+    """True when ``torch.ops.ttfm.<name>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA", "Meta" ...).
+
+    Traceable: under ``torch.compile`` the registry is asked while tracing and the answer is a graph constant.
+    """
+    if torch.compiler.is_compiling():
+        return _traced_has_kernel(name, dispatch_key)
+    return _has_kernel(name, dispatch_key)
+
+
+@torch.compiler.assume_constant_result
+def _traced_has_kernel(name: str, dispatch_key: str) -> bool:
+    return _has_kernel(name, dispatch_key)
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
     if (name, dispatch_key) in _kernels_found:
         return True
     found = has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"ttfm::{name}", dispatch_key)

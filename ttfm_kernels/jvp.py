@@ -2,8 +2,10 @@
 (tangent (v, 1, 0)), docs/math.md sections 1-3.
 
 A model that defines ``forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond) -> (u, du)`` (an explicit
-tangent pass through fused ops) is used as is; any other model goes through ``torch.func.jvp`` over its
-``forward``. Conditioning is passed unchanged and carries no tangent.
+tangent pass through fused ops) is used as is; a ``DistributedDataParallel`` wrapper of such a model is called
+as ``ddp(x, s, t, tangents={"tx": ..., "ts": ..., "tt": ...}, **cond)`` so that DDP's gradient hooks run
+(the models' ``forward`` dispatches to ``forward_jvp``); any other model goes through ``torch.func.jvp`` over
+its ``forward``. Conditioning is passed unchanged and carries no tangent.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def _run(model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, tx
         forward_jvp = getattr(model, "forward_jvp", None)
         if forward_jvp is not None:
             u, du = forward_jvp(x, s, t, tx=tx, ts=ts, tt=tt, **cond)
+        elif isinstance(model, nn.parallel.DistributedDataParallel) and hasattr(model.module, "forward_jvp"):
+            u, du = model(x, s, t, tangents={"tx": tx, "ts": ts, "tt": tt}, **cond)
         else:
             primals = {"x": x, "s": s, "t": t}
             tangents = {n: tan for n, tan in (("x", tx), ("s", ts), ("t", tt)) if tan is not None}

@@ -9,12 +9,16 @@ layer: then u(x, s, t) == v(x, s) for every t at the start of distillation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ttfm_kernels._checks import check_model_input
+from ttfm_kernels.models import _tangent
+from ttfm_kernels.models._tangent import Opt
+from ttfm_kernels.models.distributed import check_fsdp_forward_jvp
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
 
 __all__ = ["Conditioning", "ImageFlowModel", "StudentModel", "TeacherModel"]
@@ -40,11 +44,16 @@ class Conditioning(nn.Module):
             nn.init.normal_(self.label_embed.weight, std=0.02)
 
     def forward(self, *times: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.time_embed(*times)
+        return self.forward_jvp(times, {}, y=y)[0]
+
+    def forward_jvp(self, times: tuple[torch.Tensor, ...], tangents: Mapping[str, Opt],
+                    y: torch.Tensor | None = None) -> tuple[torch.Tensor, Opt]:
+        """(c, tc) for times (t,) or (s, t) and their tangents {"tt": ..} or {"ts": .., "tt": ..}; labels carry none."""
+        c, tc = _tangent.call(self.time_embed, *times, **tangents)
         if self.label_embed is None:
             if y is not None:
                 raise ValueError("y was given but the model has num_classes=0 (no class conditioning)")
-            return c
+            return c, tc
         batch = times[0].shape[0]
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=c.device)
@@ -52,7 +61,7 @@ class Conditioning(nn.Module):
                 or y.shape != (batch,):
             raise ValueError(f"y must be integer class labels of shape (B,) = ({batch},), "
                              f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
-        return c + self.label_embed(y.to(c.device))
+        return c + self.label_embed(y.to(c.device)), tc
 
 
 class ImageFlowModel(nn.Module):
@@ -82,11 +91,16 @@ class ImageFlowModel(nn.Module):
         """The label of the unconditional (null) class, or None without class conditioning."""
         return self.num_classes if self.num_classes else None
 
-    def _run(self, x: torch.Tensor, *times: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        names = ("s", "t") if self.two_time else ("t",)
-        check_model_input(x, (self.in_channels, self.image_size, self.image_size),
-                          **dict(zip(names, times, strict=True)))
-        return self.body(x, self.cond(*times, y=y))
+    def _jvp(self, x: torch.Tensor, times: tuple[torch.Tensor, ...], y: torch.Tensor | None,
+             tangents: tuple[Opt, ...]) -> tuple[torch.Tensor, Opt]:
+        """(out, tangent) for times (t,) or (s, t) and tangents (tx, tt) or (tx, ts, tt), None = zero."""
+        primals = dict(zip(("s", "t") if self.two_time else ("t",), times, strict=True))
+        check_model_input(x, (self.in_channels, self.image_size, self.image_size), **primals)
+        tx, *ttimes = tangents
+        ttimes = {f"t{name}": tan for name, tan in zip(primals, ttimes, strict=True)}
+        _tangent.check({"x": x, **primals}, {"tx": tx, **ttimes})
+        c, tc = self.cond.forward_jvp(times, ttimes, y=y)
+        return _tangent.call(self.body, x, c, tx=tx, tc=tc)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any):
@@ -116,8 +130,23 @@ class ImageFlowModel(nn.Module):
 class TeacherModel(ImageFlowModel):
     """Mixin before an architecture base: forward(x, t, y=None) -> v (B, C, H, W)."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, t, y=y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                tangents: Mapping[str, Opt] | None = None) -> torch.Tensor | tuple[torch.Tensor, Opt]:
+        """v; with ``tangents={"tx": ..., "tt": ...}`` the pair ``forward_jvp`` returns (the DDP route)."""
+        v, dv = self._jvp(x, (t,), y, _tangent.unpack(tangents, ("tx", "tt")))
+        return v if tangents is None else (v, dv)
+
+    def forward_jvp(self, x: torch.Tensor, t: torch.Tensor, *, tx: Opt = None, tt: Opt = None,
+                    y: torch.Tensor | None = None) -> tuple[torch.Tensor, Opt]:
+        """(v, dv): v and its JVP along tx (like x) and tt (B,) (None: zero, its products skipped).
+
+        An explicit tangent pass through the fused ops (no forward-AD tensors; compiles, runs under FSDP2 after
+        ``register_fsdp_forward_jvp``), differentiable w.r.t. the parameters; dv is None when both tangents
+        are. Labels y carry no tangent. Eager equivalent: ``torch.func.jvp(lambda x, t: model(x, t, y=y),
+        (x, t), (tx, tt))`` with zeros for absent tangents.
+        """
+        check_fsdp_forward_jvp(self)
+        return self._jvp(x, (t,), y, (tx, tt))
 
 
 class StudentModel(ImageFlowModel):
@@ -125,6 +154,18 @@ class StudentModel(ImageFlowModel):
 
     two_time = True
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, s, t, y=y)
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                tangents: Mapping[str, Opt] | None = None) -> torch.Tensor | tuple[torch.Tensor, Opt]:
+        """u; with ``tangents={"tx": ..., "ts": ..., "tt": ...}`` the pair ``forward_jvp`` returns (DDP route)."""
+        u, du = self._jvp(x, (s, t), y, _tangent.unpack(tangents, ("tx", "ts", "tt")))
+        return u if tangents is None else (u, du)
+
+    def forward_jvp(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *, tx: Opt = None, ts: Opt = None,
+                    tt: Opt = None, y: torch.Tensor | None = None) -> tuple[torch.Tensor, Opt]:
+        """(u, du): u and its JVP along tx (like x), ts and tt (B,); otherwise as ``TeacherModel.forward_jvp``.
+
+        ``jvp_t`` is tt = 1; ``jvp_sx`` is (tx, ts) = (v, 1). Eager equivalent: ``torch.func.jvp(lambda x, s, t:
+        model(x, s, t, y=y), (x, s, t), (tx, ts, tt))`` with zeros for absent tangents.
+        """
+        check_fsdp_forward_jvp(self)
+        return self._jvp(x, (s, t), y, (tx, ts, tt))

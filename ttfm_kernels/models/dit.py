@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ttfm_kernels.models import _tangent
 from ttfm_kernels.models._image import ImageFlowModel, StudentModel, TeacherModel
+from ttfm_kernels.models._tangent import Opt
 from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedLayerNorm
 
 __all__ = ["DiT", "TwoTimeDiT"]
@@ -51,16 +53,33 @@ def _adaln(hidden: int, chunks: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(), proj)
 
 
-class _Mlp(nn.Module):
+def _modulation(adaln: nn.Sequential, c: torch.Tensor, tc: Opt, chunks: int) -> list[tuple[torch.Tensor, Opt]]:
+    """The ``chunks`` (B, hidden) modulation vectors of ``_adaln`` and their tangents."""
+    a, ta = _tangent.silu(c, tc)
+    m, tm = _tangent.call(adaln[1], a, tx=ta)
+    ms = m.chunk(chunks, dim=1)
+    tms = (None,) * chunks if tm is None else tm.chunk(chunks, dim=1)
+    return list(zip(ms, tms, strict=True))
+
+
+def _rows(pair: tuple[torch.Tensor, Opt]) -> tuple[torch.Tensor, Opt]:
+    """A (B, C) modulation vector and its tangent as (B, 1, C), to broadcast over the tokens."""
+    return _tangent.map_pair(lambda v: v[:, None], *pair)
+
+
+class _Mlp(_tangent.TangentModule):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
+        h, th = _tangent.gelu_tanh(*_tangent.call(self.fc1, x, tx=tx))
+        return _tangent.call(self.fc2, h, tx=th)
 
 
-class _DiTBlock(nn.Module):
+class _DiTBlock(_tangent.TangentModule):
+    """(x (B, N, hidden), c (B, hidden)) -> (B, N, hidden); ``forward_jvp`` adds the tangents tx, tc."""
+
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = ModulatedLayerNorm(hidden, eps=1e-6, elementwise_affine=False, activation=None)
@@ -69,13 +88,18 @@ class _DiTBlock(nn.Module):
         self.mlp = _Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = _adaln(hidden, 6)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(self.norm1(x, scale1, shift1))
-        return x + gate2[:, None] * self.mlp(self.norm2(x, scale2, shift2))
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN_modulation, c, tc, 6)
+        for norm, layer, shift, scale, gate in ((self.norm1, self.attn, shift1, scale1, gate1),
+                                                (self.norm2, self.mlp, shift2, scale2, gate2)):
+            h, th = _tangent.call(norm, x, scale[0], shift[0], tx=tx, tscale=scale[1], tshift=shift[1])
+            h, th = _tangent.call(layer, h, tx=th)
+            x, tx = _tangent.add_mul(x, tx, *_rows(gate), h, th)
+        return x, tx
 
 
-class _FinalLayer(nn.Module):
+class _FinalLayer(_tangent.TangentModule):
     def __init__(self, hidden: int, out_dim: int) -> None:
         super().__init__()
         self.norm_final = ModulatedLayerNorm(hidden, eps=1e-6, elementwise_affine=False, activation=None)
@@ -84,13 +108,15 @@ class _FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
         self.adaLN_modulation = _adaln(hidden, 2)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(self.norm_final(x, scale, shift))
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
+        shift, scale = _modulation(self.adaLN_modulation, c, tc, 2)
+        h, th = _tangent.call(self.norm_final, x, scale[0], shift[0], tx=tx, tscale=scale[1], tshift=shift[1])
+        return _tangent.call(self.linear, h, tx=th)
 
 
-class _DiTBody(nn.Module):
-    """(x (B, C, H, W), c (B, hidden)) -> (B, C, H, W)."""
+class _DiTBody(_tangent.TangentModule):
+    """(x (B, C, H, W), c (B, hidden)) -> (B, C, H, W); ``forward_jvp`` adds the tangents tx, tc."""
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int, hidden_size: int, depth: int,
                  num_heads: int, mlp_ratio: float) -> None:
@@ -104,14 +130,20 @@ class _DiTBody(nn.Module):
         self.blocks = nn.ModuleList(_DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = _FinalLayer(hidden_size, patch_size * patch_size * in_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        for block in self.blocks:
-            h = block(h, c)
-        h = self.final_layer(h, c)  # (B, grid * grid, p * p * C)
-        batch, p, g = x.shape[0], self.patch_size, self.grid
+    def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, grid * grid, p * p * C) -> (B, C, H, W)."""
+        batch, p, g = h.shape[0], self.patch_size, self.grid
         h = h.reshape(batch, g, g, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(batch, self.channels, g * p, g * p)
+
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
+        h, th = _tangent.map_pair(lambda e: e.flatten(2).transpose(1, 2),
+                                  *_tangent.call(self.x_embedder, x, tx=tx))
+        h = h + self.pos_embed
+        for block in self.blocks:
+            h, th = _tangent.call(block, h, c, tx=th, tc=tc)
+        return _tangent.map_pair(self._unpatchify, *_tangent.call(self.final_layer, h, c, tx=th, tc=tc))
 
 
 class _DiTBase(ImageFlowModel):

@@ -17,7 +17,11 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["TimeEmbedding", "TwoTimeEmbedding", "sinusoidal_embedding"]
+from ttfm_kernels.models import _tangent
+from ttfm_kernels.models._tangent import Opt
+from ttfm_kernels.nn import Linear
+
+__all__ = ["TimeEmbedding", "TwoTimeEmbedding", "sinusoidal_embedding", "sinusoidal_embedding_jvp"]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
@@ -29,6 +33,15 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
     ``scale=1000, max_period=10000`` is the DiT/ADM convention for t in [0, 1]; low-dimensional models use a
     smaller ``scale`` so that d/dt of the embedding stays moderate. Differentiable (also under forward AD) in t.
     """
+    return sinusoidal_embedding_jvp(t, None, dim, scale=scale, max_period=max_period)[0]
+
+
+def sinusoidal_embedding_jvp(t: torch.Tensor, tt: Opt, dim: int, *, scale: float = 1000.0,
+                             max_period: float = 10000.0) -> tuple[torch.Tensor, Opt]:
+    """``sinusoidal_embedding(t, dim, ...)`` and its tangent along tt (B,) (None: no tangent, None returned).
+
+    d/dt [cos(a), sin(a)] = [-sin(a), cos(a)] * scale * f_k with a = scale * t * f_k.
+    """
     if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"t must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if t.dim() != 1:
@@ -37,11 +50,16 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
         raise ValueError(f"dim must be at least 2, got {dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (scale * t)[:, None] * freqs.to(t.dtype)[None, :]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = freqs.to(t.dtype)[None, :]
+    args = (scale * t)[:, None] * freqs
+    cos, sin = torch.cos(args), torch.sin(args)
+    pairs = [(torch.cat([cos, sin], dim=-1), None)]
+    if tt is not None:
+        targs = (scale * tt)[:, None] * freqs
+        pairs = [(pairs[0][0], torch.cat([-sin * targs, cos * targs], dim=-1))]
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+        pairs.append((torch.zeros_like(cos[:, :1]), None))
+    return _tangent.cat(pairs, dim=-1)
 
 
 class TimeEmbedding(nn.Module):
@@ -53,11 +71,19 @@ class TimeEmbedding(nn.Module):
     def __init__(self, out_dim: int, freq_dim: int = 64, *, scale: float = 1000.0, max_period: float = 10000.0):
         super().__init__()
         self.freq_dim, self.scale, self.max_period = freq_dim, scale, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, out_dim), nn.SiLU(), Linear(out_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_embedding(t, self.freq_dim, scale=self.scale, max_period=self.max_period)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.forward_jvp(t)[0]
+
+    def forward_jvp(self, t: torch.Tensor, tt: Opt = None) -> tuple[torch.Tensor, Opt]:
+        """(embedding (B, out_dim), its tangent along tt (B,)); no tangent without tt."""
+        emb, temb = sinusoidal_embedding_jvp(t, tt, self.freq_dim, scale=self.scale, max_period=self.max_period)
+        dtype = self.mlp[0].weight.dtype
+        emb, temb = _tangent.map_pair(lambda e: e.to(dtype), emb, temb)
+        h, th = _tangent.call(self.mlp[0], emb, tx=temb)
+        h, th = _tangent.silu(h, th)
+        return _tangent.call(self.mlp[2], h, tx=th)
 
 
 class TwoTimeEmbedding(nn.Module):
@@ -74,7 +100,13 @@ class TwoTimeEmbedding(nn.Module):
         self.d_embed = TimeEmbedding(out_dim, freq_dim, scale=scale, max_period=max_period)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.s_embed(s) + self.d_embed(t - s)
+        return self.forward_jvp(s, t)[0]
+
+    def forward_jvp(self, s: torch.Tensor, t: torch.Tensor, ts: Opt = None,
+                    tt: Opt = None) -> tuple[torch.Tensor, Opt]:
+        """(conditioning (B, out_dim), its tangent along (ts, tt)); a None tangent is zero (its branch skipped)."""
+        gap, tgap = _tangent.sub(t, tt, s, ts)
+        return _tangent.add(*_tangent.call(self.s_embed, s, tt=ts), *_tangent.call(self.d_embed, gap, tt=tgap))
 
     @torch.no_grad()
     def load_from_time_embedding(self, emb: TimeEmbedding) -> None:

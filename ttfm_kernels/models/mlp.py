@@ -9,29 +9,37 @@ teacher so that u(x, s, t) == v(x, s) exactly at the start of distillation.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ttfm_kernels._checks import check_model_input
+from ttfm_kernels.models import _tangent
+from ttfm_kernels.models._tangent import Opt
+from ttfm_kernels.models.distributed import check_fsdp_forward_jvp
 from ttfm_kernels.models.embeddings import TimeEmbedding, TwoTimeEmbedding
+from ttfm_kernels.nn import Linear
 
 __all__ = ["MLP", "TwoTimeMLP"]
 
 
-class _MLPBody(nn.Module):
+class _MLPBody(_tangent.TangentModule):
     def __init__(self, dim: int, hidden: int, depth: int):
         super().__init__()
-        self.in_proj = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
-        self.out_proj = nn.Linear(hidden, dim)
+        self.in_proj = Linear(dim, hidden)
+        self.blocks = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth))
+        self.out_proj = Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.in_proj(x) + cond
+    def _jvp(self, x: torch.Tensor, cond: torch.Tensor, tx: Opt = None,
+             tcond: Opt = None) -> tuple[torch.Tensor, Opt]:
+        h, th = _tangent.add(*_tangent.call(self.in_proj, x, tx=tx), cond, tcond)
         for block in self.blocks:
-            h = h + block(nn.functional.silu(h))
-        return self.out_proj(nn.functional.silu(h))
+            a, ta = _tangent.silu(h, th)
+            h, th = _tangent.add(h, th, *_tangent.call(block, a, tx=ta))
+        h, th = _tangent.silu(h, th)
+        return _tangent.call(self.out_proj, h, tx=th)
 
 
 class _MLPBase(nn.Module):
@@ -53,6 +61,17 @@ class _MLPBase(nn.Module):
         self.dim, self.sigma = dim, float(sigma)
         self.time_embed = self.EMBEDDING(hidden, freq_dim, scale=time_scale, max_period=max_period)
         self.body = _MLPBody(dim, hidden, depth)
+
+    def _jvp(self, x: torch.Tensor, times: tuple[torch.Tensor, ...],
+             tangents: tuple[Opt, ...]) -> tuple[torch.Tensor, Opt]:
+        """(out, tangent) for times (t,) or (s, t) and tangents (tx, tt) or (tx, ts, tt)."""
+        primals = dict(zip(("s", "t")[-len(times):], times, strict=True))
+        check_model_input(x, (self.dim,), **primals)
+        tx, *ttimes = tangents
+        ttimes = {f"t{name}": tan for name, tan in zip(primals, ttimes, strict=True)}
+        _tangent.check({"x": x, **primals}, {"tx": tx, **ttimes})
+        c, tc = _tangent.call(self.time_embed, *times, **ttimes)
+        return _tangent.call(self.body, x, c, tx=tx, tcond=tc)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any):
@@ -77,9 +96,21 @@ class MLP(_MLPBase):
 
     EMBEDDING = TimeEmbedding
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_model_input(x, (self.dim,), t=t)
-        return self.body(x, self.time_embed(t))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *,
+                tangents: Mapping[str, Opt] | None = None) -> torch.Tensor | tuple[torch.Tensor, Opt]:
+        """v (B, dim); with ``tangents={"tx": ..., "tt": ...}`` the pair ``forward_jvp`` returns (the DDP route)."""
+        v, dv = self._jvp(x, (t,), _tangent.unpack(tangents, ("tx", "tt")))
+        return v if tangents is None else (v, dv)
+
+    def forward_jvp(self, x: torch.Tensor, t: torch.Tensor, *, tx: Opt = None,
+                    tt: Opt = None) -> tuple[torch.Tensor, Opt]:
+        """(v, dv): v and its JVP along the tangents tx (B, dim) and tt (B,) (None: zero, products skipped).
+
+        An explicit tangent pass (no forward-AD tensors), differentiable w.r.t. the parameters. dv is None when
+        both tangents are. Eager equivalent: ``torch.func.jvp(lambda x, t: model(x, t), (x, t), (tx, tt))``.
+        """
+        check_fsdp_forward_jvp(self)
+        return self._jvp(x, (t,), (tx, tt))
 
 
 class TwoTimeMLP(_MLPBase):
@@ -90,9 +121,17 @@ class TwoTimeMLP(_MLPBase):
 
     EMBEDDING = TwoTimeEmbedding
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        check_model_input(x, (self.dim,), s=s, t=t)
-        return self.body(x, self.time_embed(s, t))
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
+                tangents: Mapping[str, Opt] | None = None) -> torch.Tensor | tuple[torch.Tensor, Opt]:
+        """u (B, dim); with ``tangents={"tx": ..., "ts": ..., "tt": ...}`` the pair ``forward_jvp`` returns."""
+        u, du = self._jvp(x, (s, t), _tangent.unpack(tangents, ("tx", "ts", "tt")))
+        return u if tangents is None else (u, du)
+
+    def forward_jvp(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *, tx: Opt = None, ts: Opt = None,
+                    tt: Opt = None) -> tuple[torch.Tensor, Opt]:
+        """(u, du): u and its JVP along tx (B, dim), ts, tt (B,) (None: zero, products skipped); as ``MLP``'s."""
+        check_fsdp_forward_jvp(self)
+        return self._jvp(x, (s, t), (tx, ts, tt))
 
     @classmethod
     def from_teacher(cls, teacher: MLP) -> TwoTimeMLP:

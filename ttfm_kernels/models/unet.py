@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttfm_kernels.models import _tangent
 from ttfm_kernels.models._image import ImageFlowModel, StudentModel, TeacherModel
+from ttfm_kernels.models._tangent import Opt
 from ttfm_kernels.nn import Attention, Conv2d, Linear, ModulatedGroupNorm
 
 __all__ = ["TwoTimeUNet", "UNet"]
@@ -36,7 +38,9 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class _ResBlock(nn.Module):
+class _ResBlock(_tangent.TangentModule):
+    """(x (B, in_ch, H, W), SiLU(c) (B, cond_dim)) -> (B, out_ch, H, W); ``forward_jvp`` adds tangents tx, tc."""
+
     def __init__(self, in_ch: int, out_ch: int, cond_dim: int, groups: int) -> None:
         super().__init__()
         self.norm1 = ModulatedGroupNorm(groups, in_ch)
@@ -46,38 +50,46 @@ class _ResBlock(nn.Module):
         self.conv2 = _zero(Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        scale, shift = self.emb_proj(c_act).chunk(2, dim=1)
-        return self.skip(x) + self.conv2(self.norm2(h, scale, shift))
+    def _jvp(self, x: torch.Tensor, c_act: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
+        h, th = _tangent.call(self.norm1, x, tx=tx)
+        h, th = _tangent.call(self.conv1, h, tx=th)
+        film, tfilm = _tangent.call(self.emb_proj, c_act, tx=tc)
+        scale, shift = film.chunk(2, dim=1)
+        tscale, tshift = (None, None) if tfilm is None else tfilm.chunk(2, dim=1)
+        h, th = _tangent.call(self.norm2, h, scale, shift, tx=th, tscale=tscale, tshift=tshift)
+        h, th = _tangent.call(self.conv2, h, tx=th)
+        return _tangent.add(*_tangent.call(self.skip, x, tx=tx), h, th)
 
 
-class _AttnBlock(nn.Module):
-    """x + Attention(GroupNorm(x)) over the H * W positions."""
+class _AttnBlock(_tangent.TangentModule):
+    """x + Attention(GroupNorm(x)) over the H * W positions; ``forward_jvp`` adds the tangent tx."""
 
     def __init__(self, channels: int, groups: int, num_heads: int) -> None:
         super().__init__()
         self.norm = ModulatedGroupNorm(groups, channels, activation=None)
         self.attn = Attention(channels, num_heads, qkv_bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
         batch, channels, height, width = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H * W, C)
-        h = self.attn(h).transpose(1, 2).reshape(batch, channels, height, width)
-        return x + h
+        h, th = _tangent.map_pair(lambda e: e.flatten(2).transpose(1, 2), *_tangent.call(self.norm, x, tx=tx))
+        h, th = _tangent.call(self.attn, h, tx=th)  # (B, H * W, C)
+        h, th = _tangent.map_pair(lambda e: e.transpose(1, 2).reshape(batch, channels, height, width), h, th)
+        return _tangent.add(x, tx, h, th)
 
 
-class _Upsample(nn.Module):
+class _Upsample(_tangent.TangentModule):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def _jvp(self, x: torch.Tensor, tx: Opt = None) -> tuple[torch.Tensor, Opt]:
+        h, th = _tangent.map_pair(lambda e: F.interpolate(e, scale_factor=2, mode="nearest"), x, tx)
+        return _tangent.call(self.conv, h, tx=th)
 
 
-class _UNetBody(nn.Module):
-    """(x (B, C, H, W), c (B, cond_dim)) -> (B, C, H, W)."""
+class _UNetBody(_tangent.TangentModule):
+    """(x (B, C, H, W), c (B, cond_dim)) -> (B, C, H, W); ``forward_jvp`` adds the tangents tx, tc."""
 
     def __init__(self, image_size: int, in_channels: int, channels: int, channel_mult: tuple[int, ...],
                  num_res_blocks: int, num_heads: int, groups: int, cond_dim: int) -> None:
@@ -111,23 +123,28 @@ class _UNetBody(nn.Module):
         self.conv_out = _zero(Conv2d(ch, in_channels, 3, padding=1))
 
     @staticmethod
-    def _call(layer: nn.Module, h: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        return layer(h, c_act) if isinstance(layer, _ResBlock) else layer(h)
+    def _call(layer: nn.Module, h: torch.Tensor, th: Opt, c_act: torch.Tensor,
+              tc: Opt) -> tuple[torch.Tensor, Opt]:
+        if isinstance(layer, _ResBlock):
+            return _tangent.call(layer, h, c_act, tx=th, tc=tc)
+        return _tangent.call(layer, h, tx=th)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        c_act = F.silu(c)
-        h = self.conv_in(x)
-        skips = [h]
+    def _jvp(self, x: torch.Tensor, c: torch.Tensor, tx: Opt = None,
+             tc: Opt = None) -> tuple[torch.Tensor, Opt]:
+        c_act, tc = _tangent.silu(c, tc)
+        h, th = _tangent.call(self.conv_in, x, tx=tx)
+        skips = [(h, th)]
         for layer in self.down:
-            h = self._call(layer, h, c_act)
-            skips.append(h)
+            h, th = self._call(layer, h, th, c_act, tc)
+            skips.append((h, th))
         for layer in self.mid:
-            h = self._call(layer, h, c_act)
+            h, th = self._call(layer, h, th, c_act, tc)
         for layer in self.up:
             if isinstance(layer, _ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = self._call(layer, h, c_act)
-        return self.conv_out(self.norm_out(h))
+                h, th = _tangent.cat([(h, th), skips.pop()], dim=1)
+            h, th = self._call(layer, h, th, c_act, tc)
+        h, th = _tangent.call(self.norm_out, h, tx=th)
+        return _tangent.call(self.conv_out, h, tx=th)
 
 
 class _UNetBase(ImageFlowModel):
