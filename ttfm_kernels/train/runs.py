@@ -164,6 +164,7 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
     if sample_shape(teacher) != data.shape:
         raise ValueError(f"the teacher models samples of shape {sample_shape(teacher)} but data {data_spec!r} "
                          f"holds {data.shape}")
+    torch.manual_seed(cfg.seed)  # the student's weights not copied from the teacher
     student = _STUDENTS[type(teacher)].from_teacher(teacher).requires_grad_(True)
     sampler = TimeSampler(marginal=time_sampling)
 
