@@ -65,7 +65,7 @@ def test_forward_jvp_matches_double_backward_jvp(cls, extra):
     tangents at once, and by linearity the sums of torch.func.jvp's one-input JVPs for each subset."""
     model = _model(cls, extra)
     twin = eager_twin(model)
-    primals, tangents, cond = _inputs(model)
+    primals, tangents, cond = _inputs(model, batch=1)
     names = list(primals)
 
     def fn(*args: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ with a tangent it calls the module's ``forward_jvp``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def call(module: nn.Module, *primals: object, **tangents: Opt) -> tuple[torch.Te
     return module.forward_jvp(*primals, **tangents)
 
 
-def map_pair(fn, x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
+def map_pair(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tx: Opt) -> tuple[torch.Tensor, Opt]:
     """(fn(x), fn(tx)) for a linear map ``fn`` (reshapes, permutes, nearest upsampling, chunks of one tensor)."""
     return fn(x), None if tx is None else fn(tx)
 
