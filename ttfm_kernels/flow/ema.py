@@ -50,7 +50,8 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """Move the average toward ``model``'s current weights (same architecture as at construction).
 
-        No host sync: with warmup the decay stays a device tensor, cast once per parameter dtype (a tensor
+        Under FSDP2 (model and copy ``fully_shard``'ed alike) each rank averages its local shards. No host sync:
+        with warmup the decay stays a device tensor, cast once per parameter dtype (a tensor
         weight of ``torch.Tensor.lerp_`` must have the parameter's dtype)."""
         weight = 1.0 - self._decay()  # formed in float32 (a float32 decay like 0.999 is 1.0 in bfloat16)
         params, avg = dict(model.named_parameters()), dict(self.module.named_parameters())
@@ -61,7 +62,7 @@ class EMA(nn.Module):
             q = avg[name]
             if q.dtype not in weights:
                 weights[q.dtype] = weight.to(q.dtype) if isinstance(weight, torch.Tensor) else weight
-            q.lerp_(p.detach().to(q.dtype), weights[q.dtype])
+            _local(q).lerp_(_local(p.detach()).to(q.dtype), weights[q.dtype])
         for b, b_avg in zip(model.buffers(), self.module.buffers(), strict=True):
             b_avg.copy_(b)
         self.num_updates += 1
@@ -73,3 +74,9 @@ class EMA(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         return self.module(*args, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 parameters), else ``t``: the average is elementwise, so each rank updates
+    its own shards with no communication."""
+    return t.to_local() if hasattr(t, "to_local") else t
