@@ -25,7 +25,8 @@ _ARGS = ["train-teacher", "--data", "moons", "--preset", "small", "--steps", "40
 
 def _ms_per_step(cmd: list[str], batch: int, device: str, out: str) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*cmd, *_ARGS, "--batch-size", str(batch), "--device", device, "--out", out], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, *_ARGS, "--batch-size", str(batch), "--device", device, "--out", out],
+                          env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return float(re.search(r"([\d.]+) ms/step", done.stdout).group(1))
