@@ -238,12 +238,12 @@ def test_opcheck_public_and_kernel_ops():
 
 
 def _bad_calls():
-    """(description, kwargs changes, expected error type, message fragment)."""
+    """(description, kwargs changes, expected error type, message fragment). Mixed floating dtypes are accepted
+    (promoted at the op boundary: tests/test_precision.py), so no dtype case."""
     t, c, w = make_inputs((3, 4))
     cases = []
     for i, name in enumerate(NAMES):
         cases.append((f"{name} shape", i, torch.randn(3, 5), ValueError, name))
-        cases.append((f"{name} dtype", i, t[i].double(), TypeError, name))
         cases.append((f"{name} integer", i, torch.ones(3, 4, dtype=torch.int64), TypeError, name))
         cases.append((f"{name} device", i, torch.randn(3, 4, device="meta"), ValueError, name))
     cases.append(("coef shape", "coef", torch.randn(3, 1), ValueError, "coef"))

@@ -140,7 +140,7 @@ class _DiTBody(_tangent.TangentModule):
              tc: Opt = None) -> tuple[torch.Tensor, Opt]:
         h, th = _tangent.map_pair(lambda e: e.flatten(2).transpose(1, 2),
                                   *_tangent.call(self.x_embedder, x, tx=tx))
-        h = h + self.pos_embed
+        h = h + self.pos_embed.to(h.dtype)  # the fixed table never promotes a bf16 (autocast) residual stream
         for block in self.blocks:
             h, th = _tangent.call(block, h, c, tx=th, tc=tc)
         return _tangent.map_pair(self._unpatchify, *_tangent.call(self.final_layer, h, c, tx=th, tc=tc))

@@ -16,6 +16,8 @@ to contiguous memory first.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd import forward_ad as fwAD
 
@@ -84,12 +86,17 @@ def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Te
                   out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """The flow-map step X_{s,t}(x) = x + (t - s) * u with per-sample times.
 
-    x, u: (B, ...) of one floating dtype; s, t: (B,) floating (any float dtype, used in x's dtype).
-    Returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
-    ``x + (t - s).view(-1, *[1] * (x.dim() - 1)) * u``. Differentiable in every input (the compiled kernel
-    runs only when no graph or tangent is needed; otherwise the same formula runs as torch ops).
+    x: (B, ...) floating, the state (its dtype is the data dtype); u: (B, ...) of any floating dtype (a model's
+    output, bf16 under autocast), cast to x's dtype at the boundary; s, t: (B,) of any floating dtype (float32
+    or wider by the precision policy). t - s and the step are formed in float32 (float64 for float64 x) and
+    rounded once: returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
+    ``(x.float() + (t - s).float().view(-1, *[1] * (x.dim() - 1)) * u.float()).to(x.dtype)``. Differentiable in
+    every input (the compiled kernel runs only when no graph or tangent is needed; otherwise the same formula
+    runs as torch ops).
     """
     check_float("x", x)
+    check_float("u", u)
+    u = u.to(x.dtype)
     check_like("u", u, "x", x)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(x.shape)}")
@@ -112,16 +119,24 @@ def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor
                        backend: str = "auto") -> torch.Tensor:
     """The ITVM loss from its residuals, with target_T = target_a + coef * target_b (docs/math.md section 2).
 
-    u_st, u_ss, v_s, target_a, target_b: (B, ...) of one floating dtype; coef, weight: (B,).
+    u_st, u_ss, v_s, target_a, target_b: (B, ...) floating, of any mix of dtypes (e.g. a bf16 student's u_st,
+    u_ss beside fp32 targets): all are cast to their promoted dtype at the boundary (an exact upcast), and the
+    kernel reads that; coef, weight: (B,) of any floating dtype, used in the accumulator.
     l_b = lambda_init * mean(|u_ss - v_s|^2) + lambda_term * mean(|u_st - target_T|^2) over non-batch dims,
     weighted by ``weight``, reduced by ``reduction`` ("mean" -> scalar, "sum" -> scalar, "none" -> (B,)).
-    Accumulates in float32 (float64 for float64 inputs). Gradients flow to u_st and u_ss only: v_s and the
-    targets are stop-gradient by definition, so one that requires grad is an error.
+    Accumulates in float32 (float64 for float64 inputs); the loss is float32 (float64). Gradients flow to u_st and
+    u_ss only, in their own dtypes: v_s and the targets are stop-gradient by definition, so one that requires
+    grad is an error.
     """
     check_float("u_st", u_st)
     if u_st.dim() == 0 or u_st.shape[0] == 0:
         raise ValueError(f"u_st must have shape (B, ...) with B >= 1, got {tuple(u_st.shape)}")
-    for name, tensor in (("u_ss", u_ss), ("v_s", v_s), ("target_a", target_a), ("target_b", target_b)):
+    named = (("u_ss", u_ss), ("v_s", v_s), ("target_a", target_a), ("target_b", target_b))
+    for name, tensor in named:
+        check_float(name, tensor)
+    common = functools.reduce(torch.promote_types, (t.dtype for _, t in named), u_st.dtype)
+    u_st, u_ss, v_s, target_a, target_b = (t.to(common) for t in (u_st, u_ss, v_s, target_a, target_b))
+    for name, tensor in zip(("u_ss", "v_s", "target_a", "target_b"), (u_ss, v_s, target_a, target_b), strict=True):
         check_like(name, tensor, "u_st", u_st)
     check_per_sample("coef", coef, u_st.shape[0], "u_st", u_st)
     if weight is not None:
