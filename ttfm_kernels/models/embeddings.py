@@ -52,13 +52,13 @@ def sinusoidal_embedding_jvp(t: torch.Tensor, tt: Opt, dim: int, *, scale: float
         raise ValueError(f"dim must be at least 2, got {dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    t = t.to(accumulator(t.dtype))
+    t, tt = (None if v is None else v.to(accumulator(t.dtype)) for v in (t, tt))
     freqs = freqs.to(t.dtype)[None, :]
     args = (scale * t)[:, None] * freqs
     cos, sin = torch.cos(args), torch.sin(args)
     pairs = [(torch.cat([cos, sin], dim=-1), None)]
     if tt is not None:
-        targs = (scale * tt.to(t.dtype))[:, None] * freqs
+        targs = (scale * tt)[:, None] * freqs
         pairs = [(pairs[0][0], torch.cat([-sin * targs, cos * targs], dim=-1))]
     if dim % 2:
         pairs.append((torch.zeros_like(cos[:, :1]), None))
