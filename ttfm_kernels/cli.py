@@ -10,6 +10,9 @@ Images: ``ttfm train-teacher --model unet --data digits`` (or dit; ``--data`` ma
 (N, C, H, W) images or a folder of PNGs), then distill / sample (``--png`` writes an image grid) / eval (Frechet
 distance and mode coverage in a digits classifier's features) as for points.
 
+Many processes: ``torchrun --nproc_per_node N -m ttfm_kernels train-teacher|distill ... [--parallel ddp|fsdp]``
+(DDP by default under torchrun; ``--batch-size`` is the global batch; README, "Many GPUs").
+
 Every command that writes prints where. Errors a user can fix (bad names, missing or corrupt files, a
 diverged run) print one clear line and exit with status 2 (usage) or 1 (the run failed).
 """
@@ -29,6 +32,7 @@ import torch
 from ttfm_kernels.flow import ode_solve, sample
 from ttfm_kernels.train.checkpoint import CheckpointError
 from ttfm_kernels.train.data import IMAGE_DATASETS, TOY_DATASETS, load_data
+from ttfm_kernels.train.parallel import PARALLEL, Parallel, init_parallel
 from ttfm_kernels.train.runs import (
     KL_PROTOCOL,
     LOSSES,
@@ -79,7 +83,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, out: s
     g.add_argument("--time-sampling", choices=("uniform", "lognormal"), default="uniform",
                    help="how training times are drawn (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data and noise (default %(default)s)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default %(default)s; under "
+                   "torchrun each rank takes cuda:LOCAL_RANK)")
+    g.add_argument("--parallel", choices=PARALLEL, default=None, help="under torchrun: ddp (replicated student, "
+                   "the default there) or fsdp (FSDP2, student and EMA sharded, sharded checkpoints); "
+                   "--batch-size is then the global batch")
     g.add_argument("--out", default=out, help="run directory for checkpoints and log.jsonl (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default %(default)s)")
@@ -175,18 +183,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(what: str, summary: dict[str, Any], out: str) -> None:
+def _print_summary(what: str, summary: dict[str, Any], out: str, parallel: Parallel | None = None) -> None:
+    if parallel is not None and not parallel.main:
+        return
     spt = summary.get("sec_per_step")
     print(f"{what}: {summary['steps']} steps, final loss {summary['final_loss']:.4g}"
           + (f", {spt * 1000:.1f} ms/step" if spt else "") + f"; wrote {out} (latest {summary['checkpoint']})")
 
 
 def _cmd_train_teacher(a: argparse.Namespace) -> None:
+    parallel = init_parallel(a.parallel, a.device)
     data = load_data(a.data)
     summary = train_teacher(data, a.data, a.out, _train_config(a), model=a.model, preset=a.preset, sigma=a.sigma,
                             time_scale=a.time_scale, time_sampling=a.time_sampling, device=a.device,
-                            progress=not a.no_progress, resume=a.resume)
-    _print_summary("teacher", summary, a.out)
+                            progress=not a.no_progress, resume=a.resume, parallel=parallel)
+    _print_summary("teacher", summary, a.out, parallel)
 
 
 def _distill_diffusers(a: argparse.Namespace) -> None:
@@ -230,7 +241,10 @@ def _distill_diffusers(a: argparse.Namespace) -> None:
 def _cmd_distill(a: argparse.Namespace) -> None:
     if a.loss not in LOSSES:
         raise ValueError(f"unknown loss {a.loss!r}; choose one of {', '.join(LOSSES)}")
+    parallel = init_parallel(a.parallel, a.device)
     if a.teacher_diffusers is not None:
+        if parallel.distributed:
+            raise ValueError("--teacher-diffusers runs in one process (no torchrun / --parallel yet)")
         return _distill_diffusers(a)
     if a.teacher is None:
         raise ValueError("pass --teacher (a checkpoint) or --teacher-diffusers (a saved diffusers model)")
@@ -238,8 +252,8 @@ def _cmd_distill(a: argparse.Namespace) -> None:
     spec = a.data or tconfig.get("data", "checkerboard")
     summary = distill(a.teacher, load_data(spec), spec, a.out, _train_config(a), loss=a.loss, target=a.target,
                       adaptive=a.adaptive, time_sampling=a.time_sampling, device=a.device,
-                      progress=not a.no_progress, resume=a.resume)
-    _print_summary(f"distill ({a.loss})", summary, a.out)
+                      progress=not a.no_progress, resume=a.resume, parallel=parallel)
+    _print_summary(f"distill ({a.loss})", summary, a.out, parallel)
 
 
 def _draw(model: torch.nn.Module, config: dict[str, Any], n: int, steps: int, seed: int) -> torch.Tensor:
@@ -437,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"ttfm {args.command}: training diverged: {e}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -66,7 +66,7 @@ def test_interrupted_then_resumed_run_is_bitwise_equal(tmp_path):
     with pytest.raises(Crash):
         crashed.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["ckpt_00000004.pt"]
-    torch.manual_seed(123)  # the resumed process starts from other RNG states: the checkpoint must restore them
+    torch.manual_seed(123)  # the resumed process starts from other RNG states: each step reseeds from its number
     resumed = _trainer(tmp_path / "run", _fm_loss())
     resumed.fit(resume=True)
     for a, b in zip(_params(full), _params(resumed), strict=True):
@@ -82,7 +82,7 @@ def test_interrupted_then_resumed_run_is_bitwise_equal(tmp_path):
     state = load_checkpoint(tmp_path / "run")
     assert set(REQUIRED_KEYS) <= set(state) and state["step"] == 12
     assert state["config"]["note"] == "test" and state["config"]["train"]["steps"] == 12
-    assert {"torch", "numpy", "python"} <= set(state["rng"])
+    assert state["world_size"] == 1 and "rng" not in state  # the step alone positions a resumed run
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

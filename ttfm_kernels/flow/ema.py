@@ -79,8 +79,9 @@ class EMA(nn.Module):
         """Move the average toward ``model``'s current weights (same architecture as at construction).
 
         One ``torch._foreach_lerp_`` per dtype of the averages (the shadows, or the copy's own parameters),
-        the model's parameters cast to it; the shadows are then rounded into the copy. No host sync: with warmup
-        the decay stays a device tensor, cast once per dtype (a tensor weight of lerp must have its dtype)."""
+        the model's parameters cast to it; the shadows are then rounded into the copy. Under FSDP2 (model and copy
+        ``fully_shard``'ed alike) the lerp runs on each rank's local shards. No host sync: with warmup the decay
+        stays a device tensor, cast once per dtype (a tensor weight of lerp must have its dtype)."""
         weight = 1.0 - self._decay()  # formed in float32 (a float32 decay like 0.999 is 1.0 in bfloat16)
         params, avg = dict(model.named_parameters()), dict(self.module.named_parameters())
         if params.keys() != avg.keys():
@@ -90,8 +91,8 @@ class EMA(nn.Module):
         for name, p in params.items():
             q = shadows.get(name, avg[name])
             ends, targets = groups.setdefault(q.dtype, ([], []))
-            ends.append(q)
-            targets.append(p.detach().to(q.dtype))
+            ends.append(_local(q))
+            targets.append(_local(p.detach()).to(q.dtype))
         for dtype, (ends, targets) in groups.items():
             if isinstance(weight, torch.Tensor):
                 torch._foreach_lerp_(ends, targets, [weight.to(dtype)] * len(ends))
@@ -110,3 +111,9 @@ class EMA(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         return self.module(*args, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2 parameters), else ``t``: the average is elementwise, so each rank updates
+    its own shards with no communication."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ttfm_kernels.flow import EMA, TimeSampler, ode_solve, sample
+from ttfm_kernels.flow.interpolant import resolve_sigma
+from ttfm_kernels.flow.time_sampling import t_range_of
 from ttfm_kernels.losses import emd_loss, flow_matching_loss, itvm_loss, lfmd_loss
 from ttfm_kernels.models import MLP, DiT, TwoTimeDiT, TwoTimeMLP, TwoTimeUNet, UNet
 from ttfm_kernels.train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
@@ -28,7 +30,8 @@ from ttfm_kernels.train.metrics import (
     teacher_match_rmse,
     train_classifier,
 )
-from ttfm_kernels.train.trainer import LossFn, TrainConfig, Trainer
+from ttfm_kernels.train.parallel import Parallel
+from ttfm_kernels.train.trainer import Draw, LossFn, TrainConfig, Trainer
 
 __all__ = ["KL_PROTOCOL", "LOSSES", "MODELS", "TARGETS", "build_teacher", "distill", "evaluate", "load_model",
            "sample_shape", "train_teacher"]
@@ -68,12 +71,28 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval().requires_grad_(False), config
 
 
+def _draw(data: PointData, sampler: TimeSampler, sigma: float, t_range: tuple[float, float], *,
+          pair: bool) -> Draw:
+    """The random inputs of a global batch, in this order from one generator: the data x1, the noise
+    x0 = sigma * N(0, I), then the times (``(s, t)`` when ``pair``, else ``t``), drawn inside ``t_range``."""
+    def draw(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        x1 = data.sample(n, g)
+        x0 = sigma * torch.randn(x1.shape, generator=g, dtype=x1.dtype)
+        if pair:
+            s, t = sampler(n, generator=g, t_range=t_range)
+            return {"x1": x1, "x0": x0, "s": s, "t": t}
+        return {"x1": x1, "x0": x0, "t": sampler.single(n, generator=g, t_range=t_range)}
+    return draw
+
+
 def _fit(model: nn.Module, loss_fn: LossFn, data: PointData, cfg: TrainConfig, out_dir: str | Path,
-         run_config: dict[str, Any], *, device: str, progress: bool, resume: bool, desc: str) -> dict[str, Any]:
-    model.to(device)
-    ema = EMA(model, decay=cfg.ema_decay)
-    trainer = Trainer(model, ema, loss_fn, data, cfg, out_dir, run_config=run_config, device=device,
-                      progress=progress, desc=desc)
+         run_config: dict[str, Any], *, draw: Draw, parallel: Parallel | None, device: str, progress: bool,
+         resume: bool, desc: str) -> dict[str, Any]:
+    parallel = parallel if parallel is not None else Parallel(device=torch.device(device))
+    model.to(parallel.device)
+    ema = parallel.ema(model, cfg.ema_decay)
+    trainer = Trainer(parallel.wrap(model), ema, loss_fn, data, cfg, out_dir, run_config=run_config,
+                      device=parallel.device, progress=progress, desc=desc, draw=draw, parallel=parallel)
     return trainer.fit(resume=resume)
 
 
@@ -105,51 +124,60 @@ def build_teacher(model: str, preset: str, data: PointData, *, sigma: float = 1.
 def train_teacher(data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *, model: str = "mlp",
                   preset: str = "small", sigma: float = 1.0, time_scale: float | None = None,
                   time_sampling: str = "uniform", device: str = "cpu", progress: bool = True,
-                  resume: bool = False) -> dict[str, Any]:
-    """Train a flow-matching teacher (``build_teacher``) on ``data``; returns the trainer's summary."""
+                  resume: bool = False, parallel: Parallel | None = None) -> dict[str, Any]:
+    """Train a flow-matching teacher (``build_teacher``) on ``data``; returns the trainer's summary.
+
+    ``parallel``: this process's place in a many-rank run (``train.parallel.init_parallel``; it then sets the
+    device), or None for one process."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_teacher(model, preset, data, sigma=sigma, time_scale=time_scale)
     sampler = TimeSampler(marginal=time_sampling)
 
-    def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
-        return flow_matching_loss(m, x1, time_sampler=sampler)
+    def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
+        return flow_matching_loss(m, x1, x0=x0, t=t)
 
     run_config = {"kind": "teacher", "model": _model_spec(model), "data": data_spec, "loss": "flow_matching",
                   "time_sampling": time_sampling}
-    return _fit(model, loss_fn, data, cfg, out_dir, run_config, device=device, progress=progress, resume=resume,
-                desc="teacher")
+    draw = _draw(data, sampler, resolve_sigma(model), t_range_of(model), pair=False)
+    return _fit(model, loss_fn, data, cfg, out_dir, run_config, draw=draw, parallel=parallel, device=device,
+                progress=progress, resume=resume, desc="teacher")
 
 
 def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *,
             loss: str = "itvm", target: str = "jvp", adaptive: float = 0.0, time_sampling: str = "uniform",
-            device: str = "cpu", progress: bool = True, resume: bool = False) -> dict[str, Any]:
+            device: str = "cpu", progress: bool = True, resume: bool = False,
+            parallel: Parallel | None = None) -> dict[str, Any]:
     """Distill the teacher checkpoint into its two-time student (``from_teacher``: u(x, s, t) = v(x, s)) with ``loss``.
 
     ``adaptive`` = p > 0 weights each sample's loss l_b by 1 / sg(l_b + 1e-3)^p (the adaptive weighting of
-    MeanFlow; p = 1 normalises every sample's gradient), applied the same way to every loss.
+    MeanFlow; p = 1 normalises every sample's gradient), applied the same way to every loss. ``parallel`` as in
+    ``train_teacher``: the student is wrapped (DDP or FSDP2), the teacher stays a frozen replica on every rank.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    device = str(parallel.device) if parallel is not None else device
     teacher, _ = load_model(teacher_path, device=device)
     if type(teacher) not in _STUDENTS:
         raise CheckpointError(f"{teacher_path} is not a teacher checkpoint (holds a {type(teacher).__name__})")
     if sample_shape(teacher) != data.shape:
         raise ValueError(f"the teacher models samples of shape {sample_shape(teacher)} but data {data_spec!r} "
                          f"holds {data.shape}")
+    torch.manual_seed(cfg.seed)  # the student's weights not copied from the teacher
     student = _STUDENTS[type(teacher)].from_teacher(teacher).requires_grad_(True)
     sampler = TimeSampler(marginal=time_sampling)
 
     reduction = "none" if adaptive > 0 else "mean"
 
-    def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
+    def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+        drawn = {"x0": x0, "s": s, "t": t, "reduction": reduction}
         if loss == "itvm":
-            value, stats = itvm_loss(m, teacher, x1, ema=ema, target=target, time_sampler=sampler, reduction=reduction)
+            value, stats = itvm_loss(m, teacher, x1, ema=ema, target=target, **drawn)
         elif loss == "lfmd":
-            value, stats = lfmd_loss(m, teacher, x1, time_sampler=sampler, reduction=reduction)
+            value, stats = lfmd_loss(m, teacher, x1, **drawn)
         else:  # the student's own JVP (ema=None), as in MeanFlow-style EMD
-            value, stats = emd_loss(m, teacher, x1, time_sampler=sampler, reduction=reduction)
+            value, stats = emd_loss(m, teacher, x1, **drawn)
         if adaptive > 0:
             value = (value / (value.detach() + 1e-3) ** adaptive).mean()
         return value, stats
@@ -158,8 +186,9 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
                   "target": target if loss == "itvm" else None, "adaptive": adaptive,
                   "teacher": str(resolve_checkpoint(teacher_path)),
                   "time_sampling": time_sampling}
-    return _fit(student, loss_fn, data, cfg, out_dir, run_config, device=device, progress=progress, resume=resume,
-                desc=loss)
+    draw = _draw(data, sampler, resolve_sigma(teacher), t_range_of(teacher), pair=True)
+    return _fit(student, loss_fn, data, cfg, out_dir, run_config, draw=draw, parallel=parallel, device=device,
+                progress=progress, resume=resume, desc=loss)
 
 
 def sample_shape(model: nn.Module) -> tuple[int, ...]:

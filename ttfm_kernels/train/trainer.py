@@ -4,19 +4,32 @@ AdamW with linear warm-up then cosine decay (to ``final_lr_fraction`` of the pea
 of the weights, progress on stderr (a tqdm bar on a terminal; otherwise ``PlainProgress``: one plain line every
 5% of the steps or 30 s, so a log file holds no carriage-return updates), JSON-lines logs (``log.jsonl``), atomic
 complete checkpoints every ``ckpt_every`` steps and at the end, exact resume (bitwise-equal parameters with the
-same thread count) and deterministic seeding. A non-finite loss or gradient stops the run with
+same thread count and world size) and deterministic seeding. A non-finite loss or gradient stops the run with
 ``TrainingDiverged`` before the optimizer step, so the last good checkpoint stays the newest one on disk.
 
-Randomness: the batch of data points comes from a dedicated generator (its state is the checkpoint's data
-position); everything the loss draws (noise, times) comes from the global torch RNG, seeded from ``seed``.
+Randomness (docs/design.md, "Many ranks"): at step k the whole global batch of ``batch_size`` draws (data,
+noise, times: what ``draw`` returns) comes from a generator seeded by ``step_seed(seed, k)``; rank r of W keeps
+the global samples [r B / W, (r + 1) B / W). The global torch RNG (used only by randomness inside a model) is
+reseeded every step from (seed, k, rank). So a W-rank run draws the samples of a one-rank run with the same
+global batch, and the step alone positions a resumed run.
+
+Many ranks (``parallel``, ``ttfm_kernels.train.parallel``): ``model`` is the wrapped student, its gradients
+averaged by DDP or FSDP2; rank 0 logs and shows progress; stats are averaged over ranks only on log steps. DDP
+checkpoints are one file written by rank 0; FSDP2 ones are sharded ``torch.distributed.checkpoint`` directories.
+``TTFM_FAULT_AT_STEP=k`` in the environment makes rank 0 SIGKILL itself (and so the torchrun job) right after
+the step-k checkpoint: a deterministic crash for testing resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,22 +43,31 @@ from tqdm.auto import tqdm
 
 from ttfm_kernels.train.checkpoint import (
     CheckpointError,
-    capture_rng,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    restore_rng,
+    load_sharded,
     save_checkpoint,
+    save_sharded,
 )
 from ttfm_kernels.train.data import PointData
+from ttfm_kernels.train.parallel import Parallel
 
-__all__ = ["LossFn", "PlainProgress", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything"]
+__all__ = ["Draw", "LossFn", "PlainProgress", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything",
+           "step_seed"]
 
-LossFn = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
-"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, ...) batch of data (points or images); stats maps
-names to 0-dim tensors (as the losses return them) or numbers, converted to Python numbers only when a log line is
-written."""
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+"""``loss_fn(model, ema, **batch) -> (loss, stats)``: ``batch`` is this rank's part of what ``Draw`` returned
+(at least ``x1``, a (B / W, ...) batch of data, points or images); stats maps names to 0-dim tensors (as the
+losses return them) or numbers, converted to Python numbers only when a log line is written."""
+
+Draw = Callable[[int, torch.Generator], dict[str, torch.Tensor]]
+"""``draw(n, generator) -> {name: (n, ...) tensor}``: the random inputs of one global batch of n samples (data,
+noise, times), every one from ``generator`` in a fixed order, sample i of each tensor belonging to global
+sample i."""
+
+FAULT_ENV = "TTFM_FAULT_AT_STEP"
 
 
 class PlainProgress:
@@ -132,6 +154,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def step_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """The 63-bit seed of step ``step``'s draws in run ``seed`` (a hash, so nearby seeds and steps give unrelated
+    streams); with ``rank``, the seed of that rank's global torch RNG during the step."""
+    key = f"ttfm:{seed}:{step}" + ("" if rank is None else f":{rank}")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -145,19 +174,25 @@ class Trainer:
 
     ``ema`` is an ``ttfm_kernels.EMA``-like module (``update(model)``, ``state_dict``); ``run_config`` is any
     JSON-able dict describing the run (model class and arguments, data, loss ...), stored in checkpoints.
+    ``draw`` gives each global batch's random inputs (default: ``{"x1": data.sample(n, generator)}``);
+    ``parallel`` is this process's place in a many-rank run (``model`` then is the wrapped student and
+    ``config.batch_size`` the global batch, which must divide by the world size).
     """
 
     def __init__(self, model: nn.Module, ema: nn.Module, loss_fn: LossFn, data: PointData, config: TrainConfig,
                  out_dir: str | Path, *, run_config: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                 progress: bool = True, desc: str = "train"):
+                 progress: bool = True, desc: str = "train", draw: Draw | None = None,
+                 parallel: Parallel | None = None):
         self.model, self.ema, self.loss_fn, self.data, self.cfg = model, ema, loss_fn, data, config
         self.out_dir = Path(out_dir)
         self.run_config = {**(run_config or {}), "train": dataclasses.asdict(config)}
         self.device = torch.device(device)
-        self.progress, self.desc = progress, desc
+        self.parallel = parallel if parallel is not None else Parallel(device=self.device)
+        self.local = self.parallel.local_slice(config.batch_size)
+        self.progress, self.desc = progress and self.parallel.main, desc
+        self.draw = draw if draw is not None else (lambda n, g: {"x1": data.sample(n, g)})
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: _lr_factor(k, self.cfg))
-        self.data_gen = torch.Generator()
         self.step = 0
         self.step_times: list[float] = []
 
@@ -165,39 +200,70 @@ class Trainer:
     def log_path(self) -> Path:
         return self.out_dir / "log.jsonl"
 
-    def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "rng": capture_rng(), "data_position": self.data_gen.get_state(),
+    @property
+    def sharded(self) -> bool:
+        return self.parallel.kind == "fsdp"
+
+    def _meta(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "step": self.step, "world_size": self.parallel.world_size,
                 "config": self.run_config}
 
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model), "ema": self.ema.state_dict(),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def save(self) -> Path:
-        path = save_checkpoint(checkpoint_path(self.out_dir, self.step), self._state())
-        for old in list_checkpoints(self.out_dir)[:-self.cfg.keep]:
-            old.unlink(missing_ok=True)
+        """Write the step's checkpoint (FSDP2: collective; otherwise rank 0 only) and drop all but the last
+        ``keep``."""
+        path = checkpoint_path(self.out_dir, self.step, sharded=self.sharded)
+        if self.sharded:
+            save_sharded(path, self._sharded_state(), self._meta())
+        elif self.parallel.main:
+            save_checkpoint(path, {"model": self.parallel.unwrap(self.model).state_dict(),
+                                   "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                   **self._meta()})
+        if self.parallel.main:
+            for old in list_checkpoints(self.out_dir)[:-self.cfg.keep]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         return path
 
     def _resume(self) -> Path:
         path = latest_checkpoint(self.out_dir)
         if path is None:
-            raise CheckpointError(f"--resume given but {self.out_dir} holds no checkpoint (ckpt_*.pt)")
-        state = load_checkpoint(path)
+            raise CheckpointError(f"--resume given but {self.out_dir} holds no checkpoint (ckpt_*)")
+        if path.is_dir() != self.sharded:
+            written = "an FSDP2 run (--parallel fsdp)" if path.is_dir() else "a one-process or DDP run"
+            raise CheckpointError(f"checkpoint {path} was written by {written}: resume it the same way")
+        state = load_sharded(path, sharded := self._sharded_state()) if self.sharded else load_checkpoint(path)
+        world = int(state["world_size"])
+        if world != self.parallel.world_size:
+            raise CheckpointError(f"checkpoint {path} was written by a run on {world} rank(s), this one has "
+                                  f"{self.parallel.world_size}: resume on {world} (exact resume needs the same "
+                                  "world size), or start a new run in another output directory")
         differ = [f"{k}: {state['config'].get(k)!r} in the checkpoint, {v!r} now" for k, v in self.run_config.items()
                   if k != "train" and state["config"].get(k) != v]
         if differ:
             raise CheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(differ)}); resume it "
                                   "with the same settings, or choose another output directory")
         try:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+                set_model_state_dict(self.model, sharded["model"])
+                self.ema.load_state_dict(sharded["ema"])
+                set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
+            else:
+                self.parallel.unwrap(self.model).load_state_dict(state["model"])
+                self.ema.load_state_dict(state["ema"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit this model/run: {e}") from e
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        restore_rng(state["rng"])
-        self.data_gen.set_state(state["data_position"])
-        self._truncate_log(self.step)
+        if self.parallel.main:
+            self._truncate_log(self.step)
         return path
 
     def _truncate_log(self, step: int) -> None:
@@ -212,6 +278,12 @@ class Trainer:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _batch(self) -> dict[str, torch.Tensor]:
+        """This rank's part of the step's global batch, on the device; reseeds the global RNG for the step."""
+        torch.manual_seed(step_seed(self.cfg.seed, self.step, self.parallel.rank))
+        drawn = self.draw(self.cfg.batch_size, torch.Generator().manual_seed(step_seed(self.cfg.seed, self.step)))
+        return {k: v[self.local].to(self.device) for k, v in drawn.items()}
+
     def fit(self, *, resume: bool = False) -> dict[str, Any]:
         """Train to ``config.steps``; returns a summary (final loss, mean seconds per step, last checkpoint)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,25 +295,27 @@ class Trainer:
                 raise CheckpointError(f"{self.out_dir} already holds checkpoints; pass --resume to continue that "
                                       "run, or choose another output directory (nothing was overwritten)")
             seed_everything(self.cfg.seed)
-            self.data_gen.manual_seed(self.cfg.seed + 1)
-            self.log_path.write_text("")
+            if self.parallel.main:
+                self.log_path.write_text("")
+        fault = int(os.environ.get(FAULT_ENV, -1))
         bar = _progress_bar(self.cfg.steps, self.step, self.desc, self.progress)
         window_t, window_n, last = time.perf_counter(), 0, {}
         try:
             while self.step < self.cfg.steps:
                 t0 = time.perf_counter()
-                x1 = self.data.sample(self.cfg.batch_size, self.data_gen).to(self.device)
-                loss, stats = self.loss_fn(self.model, self.ema, x1)
-                if not torch.isfinite(loss):
+                loss, stats = self.loss_fn(self.model, self.ema, **self._batch())
+                # one rank alone must not stop (the others would wait in the gradient all-reduce): with many
+                # ranks a non-finite loss shows as a non-finite averaged gradient norm, the same on every rank
+                if not self.parallel.distributed and not torch.isfinite(loss):
                     self._diverged(f"the loss became {loss.item()}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                grad_norm = _full(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
                 if not torch.isfinite(grad_norm):
                     self._diverged(f"the gradient norm became {grad_norm.item()}")
                 self.optimizer.step()
                 self.scheduler.step()
-                self.ema.update(self.model)
+                self.ema.update(self.parallel.unwrap(self.model))
                 self.step += 1
                 self.step_times.append(time.perf_counter() - t0)
                 window_n += 1
@@ -249,14 +323,18 @@ class Trainer:
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                     now = time.perf_counter()
                     rate = window_n * self.cfg.batch_size / max(now - window_t, 1e-9)
-                    last = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                            "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
-                            **{k: float(v) for k, v in stats.items() if _is_scalar(v)}}
-                    self._log(last)
+                    values = self.parallel.all_mean({"loss": loss.item(), **{k: float(v) for k, v in stats.items()
+                                                                            if _is_scalar(v)}})
+                    last = {"step": self.step, "loss": values.pop("loss"), "grad_norm": grad_norm.item(),
+                            "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate, **values}
+                    if self.parallel.main:
+                        self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4g}", samples_s=f"{rate:.0f}")
                     window_t, window_n = now, 0
                 if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
                     self.save()
+                    if self.step == fault and self.parallel.main:
+                        os.kill(os.getpid(), signal.SIGKILL)
         finally:
             bar.close()
         timed = self.step_times[min(5, len(self.step_times) // 2):]  # skip warm-up steps
@@ -268,6 +346,11 @@ class Trainer:
         keep = f"the last good checkpoint {good} is kept" if good else "no checkpoint had been written yet"
         raise TrainingDiverged(f"{what} at step {self.step + 1}; stopped before updating the weights, {keep}. "
                                "Try a lower --lr or a smaller --grad-clip.")
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm as a plain tensor (FSDP2's ``clip_grad_norm_`` returns a replicated DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _is_scalar(v: Any) -> bool:
