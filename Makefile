@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null | sort)
 BUILD_HASH := $(shell cat $(BUILD_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
 
-.PHONY: install demo test bench bench-compare bench-baseline check-gpu-compile lint clean check-cuda ctest
+.PHONY: install demo test bench bench-compare bench-baseline check-gpu-compile lint clean check-cuda ctest gpu-check
 .DEFAULT_GOAL := test
 
 $(VENV)/.stamp-venv:
@@ -47,6 +47,17 @@ bench-baseline: bench
 # Compiles every registered Triton configuration for sm_80 and sm_90 (no GPU needed); report in gate-reports/.
 check-gpu-compile: install
 	TRITON_INTERPRET=0 $(PY) -m ttfm_kernels._gpu_gate --report gate-reports/gpu-compile.txt
+
+# `make gpu-check [STAGES=build,parity,bench]`: on a machine with a CUDA device, with the Python found there
+# (PYTHON, no venv, nothing downloaded): build the extensions in place for this GPU's arch, run the GPU parity
+# tests (tests/gpu) and the GPU benchmarks; report.md, report.json and logs go to GPU_REPORT_DIR ($$OUT when set).
+# Without a CUDA device it stops at once with "no CUDA device" (exit 2). See scripts/gpu_check.py.
+STAGES ?= build,parity,bench
+GPU_REPORT_DIR ?= $(if $(OUT),$(OUT),gpu-report)
+GPU_DEADLINE ?= 330
+
+gpu-check:
+	GPU_REPORT_DIR="$(GPU_REPORT_DIR)" $(PYTHON) scripts/gpu_check.py --stages "$(STAGES)" --deadline $(GPU_DEADLINE)
 
 lint: install
 	$(PY) -m ruff check .

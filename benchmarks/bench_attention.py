@@ -22,7 +22,7 @@ from ttfm_kernels.ops.attention.function import _BACKENDS
 from ttfm_kernels.testing import assert_close_to_ref
 
 CPU_SHAPE = (2, 4, 1024, 64)  # (B, H, N, D)
-GPU_SHAPE = (2, 12, 2048, 64)
+GPU_SHAPE = (2, 12, 2048, 64)  # (B, H, N, D); the GPU cases also run N = 1024 and 4096
 
 
 def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -75,18 +75,23 @@ def test_attention_func_jvp_cpu(compare, dtype: str) -> None:
         res.check_speedup("fused", floor=0.5)
 
 
+#: (N, causal) of the GPU cases at (B, H, D) = (2, 12, 64): N in {1024, 2048, 4096}, causal at 2048.
+GPU_CASES = [(1024, False), (2048, False), (2048, True), (4096, False)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("n", "causal"), GPU_CASES, ids=[f"N{n}{'-causal' * c}" for n, c in GPU_CASES])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_jvp_attention_gpu(compare, dtype: str, causal: bool) -> None:
-    args = _inputs(GPU_SHAPE, getattr(torch, dtype), "cuda")
-    batch, heads, n, d = GPU_SHAPE
-    res = compare(case=f"jvp_attention cuda B2 H12 N2048 D64 {dtype}{' causal' if causal else ''}",
+def test_jvp_attention_gpu(compare, dtype: str, n: int, causal: bool) -> None:
+    batch, heads, _, d = GPU_SHAPE
+    args = _inputs((batch, heads, n, d), getattr(torch, dtype), "cuda")
+    res = compare(case=f"jvp_attention cuda B{batch} H{heads} N{n} D{d} {dtype}{' causal' if causal else ''}",
                   fns={"eager": lambda: _eager(*args, causal=causal),
                        "fused": lambda: jvp_attention(*args, causal=causal, backend="triton"),
                        "sdpa_forward": lambda: F.scaled_dot_product_attention(*args[:3], is_causal=causal)},
                   baseline="eager", check=lambda: _check(args, causal), rounds=20)
     forward_flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
     res.record("tflops_fused_3x_forward", 3 * forward_flops / res.median("fused") / 1e12)
+    res.record("tflops_sdpa_forward", forward_flops / res.median("sdpa_forward") / 1e12)
     res.record("fused_over_forward", res.median("fused") / res.median("sdpa_forward"))
     res.check_speedup("fused", floor=1.0, goal=2.0)  # no GPU run recorded yet: the floor only catches a slowdown

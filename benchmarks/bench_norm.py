@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.harness import peak_dram_bytes_per_s
 from ttfm_kernels import jvp_norm_modulate_silu
 from ttfm_kernels import nn as tnn
 from ttfm_kernels.testing import assert_close_to_ref
@@ -27,14 +28,17 @@ CASES = [
 FLOOR_SPEEDUP, GOAL_SPEEDUP = 4.0, 6.0
 
 
-def _inputs(num_groups: int | None, shape: tuple[int, ...]):
+def _inputs(num_groups: int | None, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+            device: str = "cpu"):
     channels = shape[-1] if num_groups is None else shape[1]
-    x, tx = torch.randn(shape), torch.randn(shape)
-    scale, shift, tscale, tshift = (0.5 * torch.randn(shape[0], channels) for _ in range(4))
+    x, tx = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+    scale, shift, tscale, tshift = (0.5 * torch.randn(shape[0], channels, device=device, dtype=dtype)
+                                    for _ in range(4))
     norm = nn.GroupNorm(num_groups, channels) if num_groups is not None else nn.LayerNorm(channels)
+    norm = norm.to(device, dtype)
     with torch.no_grad():
-        norm.weight.add_(0.1 * torch.randn(channels))
-        norm.bias.add_(0.1 * torch.randn(channels))
+        norm.weight.add_(0.1 * torch.randn(channels, device=device, dtype=dtype))
+        norm.bias.add_(0.1 * torch.randn(channels, device=device, dtype=dtype))
     return norm, (x, scale, shift), (tx, tscale, tshift)
 
 
@@ -43,9 +47,10 @@ def _eager_block(norm: nn.Module, num_groups: int | None):
     return lambda x, scale, shift: F.silu(norm(x) * (1 + view(scale)) + view(shift))
 
 
-@pytest.mark.parametrize(("label", "num_groups", "shape"), CASES, ids=[c[0] for c in CASES])
-def test_jvp_norm_modulate_silu_cpu(compare, label: str, num_groups: int | None, shape: tuple[int, ...]) -> None:
-    norm, primals, tangents = _inputs(num_groups, shape)
+def _norm_case(compare, label: str, num_groups: int | None, shape: tuple[int, ...], dtype: str, device: str,
+               backend: str, rounds: int):
+    """Time the fused op (``backend``) against torch.func.jvp over the eager block, after checking parity."""
+    norm, primals, tangents = _inputs(num_groups, shape, getattr(torch, dtype), device)
     block = _eager_block(norm, num_groups)
     (x, scale, shift), (tx, tscale, tshift) = primals, tangents
 
@@ -56,17 +61,45 @@ def test_jvp_norm_modulate_silu_cpu(compare, label: str, num_groups: int | None,
     @torch.no_grad()
     def fused():
         return jvp_norm_modulate_silu(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
-                                      weight=norm.weight, bias=norm.bias, backend="cpu")
+                                      weight=norm.weight, bias=norm.bias, backend=backend)
 
     def check() -> None:
-        y_ref, ty_ref = eager()
-        y, ty = fused()
-        assert_close_to_ref(y, y_ref, name="y")
-        assert_close_to_ref(ty, ty_ref, name="ty")
+        (y_ref, ty_ref), (y, ty) = eager(), fused()
+        tol = 1.0 if dtype == "float32" else 2.0  # two low-precision evaluation orders
+        assert_close_to_ref(y, y_ref, name="y", scale=tol)
+        assert_close_to_ref(ty, ty_ref, name="ty", scale=tol)
 
-    res = compare(case=f"jvp_norm_modulate_silu cpu {label} fp32", fns={"eager": eager, "fused": fused},
-                  baseline="eager", check=check, rounds=20)
+    res = compare(case=f"jvp_norm_modulate_silu {device} {label} {'fp32' if dtype == 'float32' else dtype}",
+                  fns={"eager": eager, "fused": fused}, baseline="eager", check=check, rounds=rounds)
+    return res, x
+
+
+@pytest.mark.parametrize(("label", "num_groups", "shape"), CASES, ids=[c[0] for c in CASES])
+def test_jvp_norm_modulate_silu_cpu(compare, label: str, num_groups: int | None, shape: tuple[int, ...]) -> None:
+    res, _ = _norm_case(compare, label, num_groups, shape, "float32", "cpu", "cpu", rounds=20)
     res.check_speedup("fused", floor=FLOOR_SPEEDUP, goal=GOAL_SPEEDUP)
+
+
+#: GPU cases: DiT-XL/2 at 256 px (256 tokens of 1152 features) and a U-Net block at 32x32 (GroupNorm 32 of 256).
+GPU_CASES = [
+    ("LN adaLN SiLU B8 N256 C1152 (DiT-XL)", None, (8, 256, 1152)),
+    ("GN32 FiLM SiLU B8 C256 32x32 (U-Net)", 32, (8, 256, 32, 32)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("label", "num_groups", "shape"), GPU_CASES, ids=["dit-xl", "unet"])
+def test_jvp_norm_modulate_silu_gpu(compare, label: str, num_groups: int | None, shape: tuple[int, ...],
+                                    dtype: str) -> None:
+    """The Triton kernel against torch.func.jvp over the eager block on CUDA; bytes/s over x, tx, y, ty."""
+    res, x = _norm_case(compare, label, num_groups, shape, dtype, "cuda", "triton", rounds=50)
+    achieved = 4 * x.numel() * x.element_size() / res.median("fused")  # reads x, tx; writes y, ty
+    res.record("achieved_GBps", achieved / 1e9)
+    peak = peak_dram_bytes_per_s()
+    if peak is not None:
+        res.record("fraction_of_dram_bandwidth", achieved / peak)
+    assert res.speedup("fused") >= 2.0
 
 
 def test_conv2d_stacked_tangent_cpu(compare) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.harness import peak_rss_mb
+from benchmarks.harness import peak_dram_bytes_per_s, peak_rss_mb
 from ttfm_kernels import itvm_residual_loss
 from ttfm_kernels.ops.residual.reference import itvm_residual_loss_reference
 from ttfm_kernels.testing import assert_close_to_ref
@@ -86,13 +86,6 @@ def test_itvm_residual_loss_cpu(compare, dim: int) -> None:
     assert res.extra["peak_rss_mb.cpu"] < res.extra["peak_rss_mb.eager"]
 
 
-def _peak_dram_bytes_per_s() -> float | None:
-    """The GPU's DRAM bandwidth from its memory clock and bus width, when torch reports them."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
-    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_itvm_residual_loss_cuda(compare, dtype: str) -> None:
@@ -105,7 +98,7 @@ def test_itvm_residual_loss_cuda(compare, dtype: str) -> None:
     res.record("bytes_per_element", moved)
     achieved = moved * tensors[0].numel() / res.median("cuda")
     res.record("achieved_GBps", achieved / 1e9)
-    peak = _peak_dram_bytes_per_s()
+    peak = peak_dram_bytes_per_s()
     if peak is not None:
         res.record("fraction_of_dram_bandwidth", achieved / peak)
     res.check_speedup("cuda", floor=1.0)

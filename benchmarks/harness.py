@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_rss_mb", "time_round"]
+__all__ = ["SUMMARY_KEYS", "Comparison", "machine_info", "peak_dram_bytes_per_s", "peak_rss_mb", "time_round"]
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The keys ``Comparison.summary`` writes into a benchmark's ``extra_info`` (others come from ``record``).
@@ -123,6 +123,14 @@ def machine_info() -> dict[str, Any]:
     except ImportError as err:
         info["ttfm_kernels"] = f"import failed: {err}"
     return info
+
+
+def peak_dram_bytes_per_s() -> float | None:
+    """The current GPU's DRAM bandwidth (bytes/s, double data rate) from its memory clock and bus width, when
+    torch reports them; GPU bandwidth figures are given as a fraction of it."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
 _RSS_CHILD = """

@@ -16,6 +16,7 @@ PUBLIC = {
     "flow_map",
     "flow_map_step",
     "flow_matching_loss",
+    "fused_jvp",
     "itvm_loss",
     "itvm_residual_loss",
     "jvp_attention",

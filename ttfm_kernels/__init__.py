@@ -7,6 +7,7 @@ from ttfm_kernels import _ext
 from ttfm_kernels._dispatch import BackendUnavailableError, use_backend
 from ttfm_kernels._version import __version__
 from ttfm_kernels.flow import EMA, GuidedTeacher, TimeSampler, flow_map, ode_solve, sample
+from ttfm_kernels.fused_jvp import fused_jvp
 from ttfm_kernels.jvp import jvp_sx, jvp_t
 from ttfm_kernels.losses import emd_loss, flow_matching_loss, itvm_loss, lfmd_loss, progressive_loss
 from ttfm_kernels.ops.attention import attention, jvp_attention, patch_sdpa
@@ -26,6 +27,7 @@ __all__ = [
     "flow_map",
     "flow_map_step",
     "flow_matching_loss",
+    "fused_jvp",
     "itvm_loss",
     "itvm_residual_loss",
     "jvp_attention",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ Check = Callable[[torch.device, torch.dtype], "str | None"]
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("ttfm_backend", default=None)
 _warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()  # warn once even when threads race (fused_jvp runs on any thread)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -78,9 +80,11 @@ def current_backend() -> str:
 
 def warn_once(op: str, reason: str) -> None:
     """Warn once per (op, reason) that ``op`` fell back to another backend."""
-    if (op, reason) not in _warned:
+    with _warned_lock:
+        if (op, reason) in _warned:
+            return
         _warned.add((op, reason))
-        warnings.warn(f"ttfm_kernels.{op}: {reason}", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"ttfm_kernels.{op}: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def always(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -3,7 +3,9 @@
 
 A model that defines ``forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond) -> (u, du)`` (an explicit
 tangent pass through fused ops) is used as is; any other model goes through ``torch.func.jvp`` over its
-``forward``. Conditioning is passed unchanged and carries no tangent.
+``forward`` inside ``ttfm_kernels.fused_jvp()`` (its F.linear, F.conv*d, norm and SDPA calls take the fused
+tangents), entered only around that call, or inside the caller's own ``fused_jvp(...)`` mode when one is open.
+Conditioning is passed unchanged and carries no tangent.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import torch
 from torch import nn
 
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
-from ttfm_kernels.ops.attention import patch_sdpa
+from ttfm_kernels.fused_jvp import active_fused_jvp, fused_jvp
 
 __all__ = ["jvp_sx", "jvp_t"]
 
 _AD_ADVICE = (
     "a forward-mode derivative is missing for an op this model calls ({err}). jvp_t/jvp_sx already route "
-    "F.scaled_dot_product_attention through ttfm_kernels.patch_sdpa(); for another op, give the model a "
-    "`forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond)` method built on ttfm_kernels ops."
+    "F.linear, F.conv*d, layer/group norms and F.scaled_dot_product_attention through ttfm_kernels.fused_jvp(); "
+    "for another op, give the model a `forward_jvp(x, s, t, *, tx=None, ts=None, tt=None, **cond)` method "
+    "built on ttfm_kernels ops."
 )
 
 
 def _forward_ad_context() -> contextlib.AbstractContextManager:
-    """The context every ``torch.func.jvp`` over a user model runs in: SDPA calls take the fused attention JVP."""
-    return patch_sdpa()
+    """The context every ``torch.func.jvp`` over a user model runs in: the caller's open ``fused_jvp`` mode, else
+    a fresh ``fused_jvp()`` routing every op family."""
+    return contextlib.nullcontext() if active_fused_jvp() else fused_jvp()
 
 
 def _func_jvp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...],

@@ -61,8 +61,9 @@ void flow_map_step_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tenso
     const double* tp = t64.const_data_ptr<double>();
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        // The step size is rounded to x's dtype first, exactly like the reference (t - s).to(x.dtype).
-        const acc_t h = static_cast<acc_t>(static_cast<scalar_t>(tp[b] - sp[b]));
+        // The step size t - s stays in the accumulator dtype (never rounded to a half-precision x's dtype),
+        // like the reference's (t - s).to(accumulator).
+        const acc_t h = static_cast<acc_t>(tp[b] - sp[b]);
         const int64_t base = b * dim;
         for (int64_t i = 0; i < dim; ++i) {
           op[base + i] = static_cast<scalar_t>(static_cast<acc_t>(xp[base + i]) + h * static_cast<acc_t>(up[base + i]));

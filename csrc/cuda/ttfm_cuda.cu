@@ -53,8 +53,9 @@ __global__ void flow_map_step_kernel(const scalar_t* __restrict__ x, const scala
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / dim;
-    // The step size is rounded to x's dtype first, exactly like the reference (t - s).to(x.dtype).
-    const acc_t h = static_cast<acc_t>(static_cast<scalar_t>(t[b] - s[b]));
+    // The step size t - s stays in the accumulator dtype (never rounded to a half-precision x's dtype),
+    // like the reference's (t - s).to(accumulator).
+    const acc_t h = static_cast<acc_t>(t[b] - s[b]);
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + h * static_cast<acc_t>(u[i]));
   }
 }

@@ -94,12 +94,12 @@ def test_bad_batch_and_times_are_named():
         flow_matching_loss(VelocityNet(D), torch.randn(N, D, dtype=DTYPE), t=torch.rand(N, 1, dtype=DTYPE))
 
 
-def test_model_dtype_and_device_mismatch_are_named():
-    student, teacher = _models()
-    _error(TypeError, r"student has torch\.float32 parameters but x1 is torch\.float64", student=student.float())
+def test_model_device_mismatch_is_named():
+    _, teacher = _models()
     _error(ValueError, "teacher is on meta", teacher=teacher.to("meta"))
-    with pytest.raises(TypeError, match=r"ema has torch\.float32"):
-        itvm_loss(TwoTimeNet(D), VelocityNet(D), torch.randn(N, D, dtype=DTYPE), ema=TwoTimeNet(D).float())
+    # another parameter dtype is allowed (each model gets x in its own dtype: tests/test_precision.py)
+    loss, _ = itvm_loss(TwoTimeNet(D), VelocityNet(D), torch.randn(N, D, dtype=DTYPE), ema=TwoTimeNet(D).float())
+    assert loss.dtype == DTYPE
 
 
 def test_sigma_comes_from_the_teacher_and_must_agree():

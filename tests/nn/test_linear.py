@@ -33,13 +33,13 @@ def _pair(ours, theirs, args, kwargs):
 def stacked_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the fused stacked calls (so a test fails if the tangent silently took torch's own rule)."""
     calls: list[int] = []
-    real = linear_mod._stacked
+    real = linear_mod.stacked_tangent
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(linear_mod, "_stacked", spy)
+    monkeypatch.setattr(linear_mod, "stacked_tangent", spy)
     return calls
 
 

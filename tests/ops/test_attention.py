@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ttfm_kernels import BackendUnavailableError, attention, jvp_attention, patch_sdpa
+from ttfm_kernels import BackendUnavailableError, _dispatch, attention, jvp_attention, patch_sdpa
 from ttfm_kernels.ops.attention import function
 from ttfm_kernels.ops.attention.function import _BACKENDS
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
@@ -106,8 +106,8 @@ def test_absent_tangents_and_late_max(backend, absent):
         assert_nontrivial(got[1], "t_o")
 
 
-def _sdpa(q, k, v, causal=False):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def _sdpa(q, k, v, is_causal=False):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -115,7 +115,7 @@ def _sdpa(q, k, v, causal=False):
 def test_attention_tangent_under_func_jvp_and_forward_ad(backend, causal):
     q, k, v, tq, tk, tv = _inputs(2, 2, 33, 47, 16, dtype=DTYPES[backend][0])
     ref = _oracle(q, k, v, tq, tk, tv, causal=causal)
-    o, t_o = torch.func.jvp(lambda a, b, c: attention(a, b, c, causal=causal, backend=backend), (q, k, v),
+    o, t_o = torch.func.jvp(lambda a, b, c: attention(a, b, c, is_causal=causal, backend=backend), (q, k, v),
                             (tq, tk, tv))
     assert_nontrivial(t_o)
     assert_close_to_ref(o, ref[0], name="o (func.jvp)")
@@ -143,7 +143,7 @@ def test_gradients_through_o_and_t_o_match_func_jvp():
     w_o, w_t = torch.randn(2, 1, 2, 19, 16, dtype=torch.float64)
 
     def loss(fn):
-        o, t_o = torch.func.jvp(lambda a, b, c: fn(a, b, c, causal=True), tuple(args[:3]), tuple(args[3:]))
+        o, t_o = torch.func.jvp(lambda a, b, c: fn(a, b, c, is_causal=True), tuple(args[:3]), tuple(args[3:]))
         return (o * w_o).sum() + (t_o * w_t).sum()
 
     got = torch.autograd.grad(loss(attention), args)
@@ -171,11 +171,13 @@ def test_no_graph_under_no_grad():
         assert_nontrivial(t_o)
 
 
-def test_attn_mask_runs_math_sdpa_with_tangent():
+def test_attn_mask_runs_math_sdpa_with_tangent(monkeypatch):
     q, k, v, tq, tk, tv = _inputs(1, 2, 6, 8, 16)
     mask = torch.rand(6, 8) > 0.3
     mask[:, 0] = True
-    _, t_o = torch.func.jvp(lambda a, b, c: attention(a, b, c, attn_mask=mask), (q, k, v), (tq, tk, tv))
+    monkeypatch.setattr(_dispatch, "_warned", set())  # warn-once state of earlier tests
+    with pytest.warns(RuntimeWarning, match="attn_mask: this JVP runs torch's math SDPA"):
+        _, t_o = torch.func.jvp(lambda a, b, c: attention(a, b, c, attn_mask=mask), (q, k, v), (tq, tk, tv))
     with sdpa_kernel(SDPBackend.MATH):
         ref = torch.func.jvp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask), (q, k, v),
                              (tq, tk, tv))
@@ -199,7 +201,7 @@ class _DiTBlock(torch.nn.Module):
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
-def test_patch_sdpa_gives_dit_block_the_fused_jvp(monkeypatch):
+def test_patch_sdpa_is_the_deprecated_sdpa_mode(monkeypatch):
     block = _DiTBlock().double()
     x, tx = torch.randn(2, 2, 13, 32, dtype=torch.float64)
     with sdpa_kernel(SDPBackend.MATH):
@@ -209,13 +211,11 @@ def test_patch_sdpa_gives_dit_block_the_fused_jvp(monkeypatch):
 
     monkeypatch.setattr(fn, "jvp_attention_reference", _counting(fn.jvp_attention_reference, calls))
     original = F.scaled_dot_product_attention
-    with patch_sdpa():
-        with patch_sdpa():  # nesting restores the outer patch
-            pass
-        assert F.scaled_dot_product_attention is not original
+    with pytest.warns(DeprecationWarning, match="fused_jvp"), patch_sdpa() as mode:
+        assert F.scaled_dot_product_attention is original  # no process-wide reassignment any more
         y, ty = torch.func.jvp(block, (x,), (tx,))
         torch.testing.assert_close(block(x), ref[0], rtol=0, atol=1e-12)  # no tangent: plain SDPA
-    assert F.scaled_dot_product_attention is original
+    assert mode.stats is None
     assert len(calls) == 1  # the fused op ran once (reference backend here), for the JVP only
     assert_nontrivial(ty)
     assert_close_to_ref(y, ref[0], name="block output")
@@ -245,7 +245,8 @@ def test_bad_input_names_the_argument(change, error, match):
     change(args)
     with pytest.raises(error, match=match):
         jvp_attention(**args)
-    if match.startswith(("q", "k", "v")):  # the same checks guard attention() once a tangent is present
+    # The same dtype checks guard attention() once a tangent is present; shapes SDPA broadcasts take its math path.
+    if error is TypeError and match.startswith(("q", "k", "v")):
         with pytest.raises(error, match=match), fwAD.dual_level():
             attention(args["q"], args["k"], fwAD.make_dual(args["v"], torch.ones_like(args["v"])))
 
@@ -267,14 +268,17 @@ def test_triton_gpu_configurations_are_registered_defaults():
         for head_dim in (16, 24, 64, 72, 80, 96, 128, 200, 256):
             config = kernel.gpu_config(dtype, head_dim)
             if config is None:
-                assert dtype == torch.float32 and head_dim > 64
+                assert dtype == torch.float32 and head_dim > 128
                 assert "no spill-free GPU configuration" in kernel.unsupported(cuda, dtype, head_dim)
                 continue
             block_m, block_n, warps, stages = config
             block_d = max(16, 1 << (head_dim - 1).bit_length())
+            # one launch per tangent: each tangent alone, and none, is a registered configuration
+            split = ("fp32" if dtype == torch.float32 else "16bit", block_d) in kernel._ONE_TANGENT_PER_LAUNCH
             for suffix in ("", "/causal"):
-                entry = registered[f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{suffix}"]
-                assert entry.default and (entry.num_warps, entry.num_stages) == (warps, stages)
+                for launch in ("/tq", "/tk", "/tv", "/none") if split else ("",):
+                    entry = registered[f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{suffix}{launch}"]
+                    assert entry.default and (entry.num_warps, entry.num_stages) == (warps, stages)
             assert kernel.unsupported(cuda, dtype, head_dim) is None
     assert "up to 256" in kernel.unsupported(CPU, torch.float16, 257)
 

@@ -180,7 +180,7 @@ def test_gradients_through_o_and_t_o(causal, api):
     def fused(args):
         if api == "jvp_attention":
             return jvp_attention(*args, causal=causal, backend="cpu")
-        return torch.func.jvp(lambda q, k, v: attention(q, k, v, causal=causal, backend="cpu"), args[:3], args[3:])
+        return torch.func.jvp(lambda q, k, v: attention(q, k, v, is_causal=causal, backend="cpu"), args[:3], args[3:])
 
     def eager(args):
         with sdpa_kernel(SDPBackend.MATH):

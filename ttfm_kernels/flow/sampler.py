@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ttfm_kernels._checks import check_float, check_per_sample
+from ttfm_kernels._precision import accumulator, model_input
 from ttfm_kernels.flow.interpolant import resolve_sigma
 from ttfm_kernels.flow.time_sampling import TRange, check_t_range, t_range_of
 from ttfm_kernels.ops.residual import flow_map_step
@@ -20,12 +21,14 @@ _METHODS = ("euler", "heun")
 
 
 def _times(name: str, value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A time given as a number or a (B,) tensor, as a (B,) tensor in x's dtype on x's device."""
+    """A time given as a number or a (B,) tensor, as a (B,) tensor on x's device in float32 (float64 for float64
+    x): times are never rounded to a half-precision state's dtype."""
+    dtype = accumulator(x.dtype)
     if isinstance(value, torch.Tensor):
         check_per_sample(name, value, x.shape[0], "x", x)
-        times = value.to(x.dtype)
+        times = value.to(dtype)
     else:
-        times = torch.full((x.shape[0],), float(value), dtype=x.dtype, device=x.device)
+        times = torch.full((x.shape[0],), float(value), dtype=dtype, device=x.device)
     if not torch.isfinite(times).all():
         raise ValueError(f"{name} must be finite")
     return times
@@ -54,7 +57,9 @@ def time_grid(steps: int, grid: str | Sequence[float] | torch.Tensor = "uniform"
 def _start(model: nn.Module, x0: torch.Tensor | Sequence[int], t0: float, sigma: float | None,
            generator: torch.Generator | None) -> torch.Tensor:
     """The state at the grid's first time t0: (1 - t0) x0, the interpolant there without its t0 x1 part (exact
-    at t0 = 0). x0 as given, or a draw from N(0, sigma^2 I) of shape ``x0`` in the model's dtype and device."""
+    at t0 = 0). x0 as given, or a draw from N(0, sigma^2 I) of shape ``x0`` on the model's device, in float32 or
+    the model's dtype if wider (the state of a bf16 model is kept in float32; each call gets it in the model's
+    dtype)."""
     if isinstance(x0, torch.Tensor):
         check_float("x0", x0)
         if x0.dim() == 0 or x0.shape[0] == 0:
@@ -62,7 +67,8 @@ def _start(model: nn.Module, x0: torch.Tensor | Sequence[int], t0: float, sigma:
     else:
         param = next((p for p in model.parameters() if p.is_floating_point()), None) \
             if isinstance(model, nn.Module) else None
-        dtype, device = (param.dtype, param.device) if param is not None else (torch.get_default_dtype(), None)
+        dtype, device = ((accumulator(param.dtype), param.device) if param is not None
+                         else (torch.get_default_dtype(), None))
         noise = torch.randn(tuple(x0), dtype=dtype, device=device, generator=generator)
         x0 = resolve_sigma(model, sigma) * noise
     return x0 if t0 == 0 else (1 - t0) * x0
@@ -72,11 +78,12 @@ def flow_map(model: nn.Module, x: torch.Tensor, s: float | torch.Tensor, t: floa
              **cond: object) -> torch.Tensor:
     """X_{s,t}(x) = x + (t - s) * model(x, s, t, **cond): one jump of a two-time flow map.
 
-    x: (B, ...); s, t: numbers or (B,) tensors. Differentiable (no no_grad inside).
+    x: (B, ...), the state (returned in its dtype; the model gets it in its parameter dtype); s, t: numbers or
+    (B,) tensors, used in float32 or wider. Differentiable (no no_grad inside).
     """
     check_float("x", x)
     s_, t_ = _times("s", s, x), _times("t", t, x)
-    return flow_map_step(x, model(x, s_, t_, **cond), s_, t_)
+    return flow_map_step(x, model(model_input(model, x), s_, t_, **cond), s_, t_)
 
 
 @torch.no_grad()
@@ -113,9 +120,10 @@ def ode_solve(teacher: nn.Module, x0: torch.Tensor | Sequence[int], steps: int =
     x = _start(teacher, x0, times[0], sigma, generator)
     for a, b in itertools.pairwise(times):
         ta, tb = _times("t", a, x), _times("t", b, x)
-        v = teacher(x, ta, **cond)
+        v = teacher(model_input(teacher, x), ta, **cond)
         x_next = flow_map_step(x, v, ta, tb)
         if method == "heun":
-            x_next = flow_map_step(x, (v + teacher(x_next, tb, **cond)) / 2, ta, tb)
+            v_next = teacher(model_input(teacher, x_next), tb, **cond)
+            x_next = flow_map_step(x, (v.to(x.dtype) + v_next.to(x.dtype)) / 2, ta, tb)
         x = x_next
     return x

@@ -61,7 +61,7 @@ class TimeSampler:
       initial-velocity identity u(x, s, s) = v(x, s)).
 
     ``sampler(batch, device=..., dtype=..., generator=None, t_range=(0.0, 1.0)) -> (s, t)``, two (batch,)
-    tensors; ``sampler.single(batch, ...) -> t``.
+    tensors; ``sampler.single(batch, ...) -> t``. ``dtype`` (default float32) must be float32 or wider.
     """
 
     def __init__(self, *, marginal: str = "uniform", diagonal: float = 0.0, min_gap: float = 0.0,
@@ -82,6 +82,9 @@ class TimeSampler:
 
     def _draw(self, shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype,
               generator: torch.Generator | None) -> torch.Tensor:
+        if not dtype.is_floating_point or dtype.itemsize < 4:
+            raise ValueError(f"dtype must be float32 or wider (times are never drawn in half precision, where "
+                             f"t - s near the diagonal rounds to 0), got {dtype}")
         if self.marginal == "uniform":
             return torch.rand(shape, device=device, dtype=dtype, generator=generator)
         z = torch.randn(shape, device=device, dtype=dtype, generator=generator)

@@ -12,10 +12,11 @@ from torch import nn
 
 from ttfm_kernels._checks import check_float, check_like, check_per_sample
 from ttfm_kernels._per_sample import REDUCTIONS, reduce_per_sample
+from ttfm_kernels._precision import accumulator
 from ttfm_kernels.flow.interpolant import interpolate, resolve_sigma
 from ttfm_kernels.flow.time_sampling import TimeSampler, check_in_range, t_range_of
 
-__all__ = ["Batch", "check_no_ema", "loss_stats", "prepare", "repeat_cond", "squared_error"]
+__all__ = ["Batch", "check_no_ema", "loss_stats", "prepare", "repeat_cond", "residual", "squared_error"]
 
 _DEFAULT_SAMPLER = TimeSampler()
 
@@ -40,25 +41,29 @@ class Batch:
     def size(self) -> int:
         return self.x1.shape[0]
 
+    @property
+    def acc(self) -> torch.dtype:
+        """The dtype targets and residuals are formed in: float32 (float64 for float64 data), whatever the
+        models' output dtype (bf16 under autocast)."""
+        return accumulator(self.x1.dtype)
+
 
 def _check_model(name: str, model: object, x1: torch.Tensor) -> None:
-    """Raise unless ``model``'s floating parameters have x1's dtype and device (nothing to check if it has none)."""
+    """Raise unless ``model`` is callable and its floating parameters are on x1's device (nothing to check if
+    it has none). Their dtype may differ from x1's (a bf16 teacher beside an fp32 student): each model gets x in
+    its own parameter dtype (``model_input``)."""
     if not callable(model):
         raise TypeError(f"{name} must be callable (an nn.Module), got {type(model).__name__}")
     if not isinstance(model, nn.Module):
         return
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if param is None:
-        return
-    if param.dtype != x1.dtype:
-        raise TypeError(f"{name} has {param.dtype} parameters but x1 is {x1.dtype}: cast one to match")
-    if param.device != x1.device:
+    if param is not None and param.device != x1.device:
         raise ValueError(f"{name} is on {param.device} but x1 is on {x1.device}: move one to match")
 
 
 def _time_dtype(x1: torch.Tensor) -> torch.dtype:
     """Times are kept in at least float32: in half precision t - s near the diagonal would round to 0."""
-    return torch.promote_types(x1.dtype, torch.float32)
+    return accumulator(x1.dtype)
 
 
 def _check_times(name: str, times: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
@@ -165,6 +170,13 @@ def check_no_ema(loss: str, ema: object) -> None:
     """The losses without a target network take ``ema`` only to share the common signature: reject one given."""
     if ema is not None:
         raise ValueError(f"{loss} uses no target network, so it takes no ema: pass ema=None")
+
+
+def residual(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a - b formed in the accumulator (float32, float64 if either is float64), whatever the models' output
+    dtypes: differentiable, so gradients reach a bf16 output in its own dtype."""
+    acc = accumulator(a.dtype, b.dtype)
+    return a.to(acc) - b.to(acc)
 
 
 def squared_error(r: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:

@@ -9,9 +9,10 @@ from torch import nn
 
 from ttfm_kernels._dispatch import BACKENDS
 from ttfm_kernels._per_sample import per_sample
+from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
 from ttfm_kernels.jvp import jvp_sx
-from ttfm_kernels.losses._common import loss_stats, prepare, squared_error
+from ttfm_kernels.losses._common import loss_stats, prepare, residual, squared_error
 
 __all__ = ["emd_loss"]
 
@@ -36,10 +37,11 @@ def emd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: n
     b = prepare(x1, {"student": student, "teacher": teacher, "ema": ema}, sigma_from=teacher, pair=True,
                 cond=cond, teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight,
                 reduction=reduction, time_sampler=time_sampler, extrapolate=extrapolate)
+    target_net = ema if ema is not None else student
     with torch.no_grad():
-        v_s = teacher(b.xs, b.s, **b.teacher_cond)
-        _, du = jvp_sx(ema if ema is not None else student, b.xs, b.s, b.t, v_s, **b.cond)
-        target = v_s + per_sample(b.t - b.s, du) * du
-    r = student(b.xs, b.s, b.t, **b.cond) - target
+        v_s = teacher(model_input(teacher, b.xs), b.s, **b.teacher_cond)
+        _, du = jvp_sx(target_net, model_input(target_net, b.xs), b.s, b.t, model_input(target_net, v_s), **b.cond)
+        target = v_s.to(b.acc) + per_sample(b.t - b.s, du).to(b.acc) * du.to(b.acc)
+    r = residual(student(model_input(student, b.xs), b.s, b.t, **b.cond), target)
     loss = squared_error(r, b.weight, reduction)
     return loss, loss_stats(loss, b, residual=squared_error(r.detach(), None, "mean"))

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
-from ttfm_kernels.losses._common import loss_stats, prepare, squared_error
+from ttfm_kernels.losses._common import loss_stats, prepare, residual, squared_error
 
 __all__ = ["flow_matching_loss"]
 
@@ -28,6 +29,6 @@ def flow_matching_loss(model: nn.Module, x1: torch.Tensor, *, cond: Mapping[str,
     b = prepare(x1, {"model": model}, sigma_from=model, pair=False, cond=cond, teacher_cond=None, x0=x0, s=None,
                 t=t, sigma=sigma, weight=weight, reduction=reduction, time_sampler=time_sampler,
                 extrapolate=extrapolate)
-    r = model(b.xs, b.t, **b.cond) - (b.x1 - b.x0)
+    r = residual(model(model_input(model, b.xs), b.t, **b.cond), b.x1.to(b.acc) - b.x0.to(b.acc))
     loss = squared_error(r, b.weight, reduction)
     return loss, loss_stats(loss, b, residual=squared_error(r.detach(), None, "mean"))

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ttfm_kernels._per_sample import reduce_per_sample
+from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
 from ttfm_kernels.jvp import jvp_t
-from ttfm_kernels.losses._common import loss_stats, prepare, repeat_cond, squared_error
+from ttfm_kernels.losses._common import loss_stats, prepare, repeat_cond, residual, squared_error
 from ttfm_kernels.ops.residual import flow_map_step, itvm_residual_loss
 
 __all__ = ["TARGETS", "itvm_loss"]
@@ -50,45 +51,48 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
     b = prepare(x1, {"student": student, "teacher": teacher, "ema": ema}, sigma_from=teacher, pair=True,
                 cond=cond, teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight,
                 reduction=reduction, time_sampler=time_sampler, extrapolate=extrapolate)
-    xs, s, t, n = b.xs, b.s, b.t, b.size
+    xs, s, t, n, acc = b.xs, b.s, b.t, b.size, b.acc
     ema = ema if ema is not None else student
     cond2 = repeat_cond(b.cond, n, 2)
     with torch.no_grad():
+        xe = model_input(ema, xs)
         if target == "jvp":
-            u_ema, du_ema = jvp_t(ema, xs, s, t, **b.cond)
+            u_ema, du_ema = jvp_t(ema, xe, s, t, **b.cond)
             end, t_end = flow_map_step(xs, u_ema, s, t, backend=backend), t
         else:
             t_prime = t - delta * (t - s)
             if target == "euler":
-                u_prime = ema(xs, s, t_prime, **b.cond)
+                u_prime = ema(xe, s, t_prime, **b.cond)
                 end, t_end = flow_map_step(xs, u_prime, s, t_prime, backend=backend), t_prime
             else:
-                u_ema, u_prime = ema(torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([t, t_prime]),
+                u_ema, u_prime = ema(torch.cat([xe, xe]), torch.cat([s, s]), torch.cat([t, t_prime]),
                                      **cond2).chunk(2)
                 end, t_end = flow_map_step(xs, u_ema, s, t, backend=backend), t
-        v_s, v_end = teacher(torch.cat([xs, end]), torch.cat([s, t_end]),
+        v_s, v_end = teacher(model_input(teacher, torch.cat([xs, end])), torch.cat([s, t_end]),
                              **repeat_cond(b.teacher_cond, n, 2)).chunk(2)
+        # The "fd" target's terms go to the op separately: it forms their cancelling difference in float32.
         third_term = {}
         if target == "jvp":
             target_a, target_b, coef = v_end, du_ema, s - t
         elif target == "euler":
-            target_a, target_b, coef = delta * v_end, u_prime, torch.full_like(t, 1.0 - delta)
+            target_a, target_b, coef = delta * v_end.to(acc), u_prime, torch.full_like(t, 1.0 - delta)
         else:
             target_a, target_b, coef = v_end, u_ema, torch.full_like(t, -1.0 / delta)
             third_term = {"target_c": u_prime, "coef_c": torch.full_like(t, 1.0 / delta)}
     lambda_t = lambda_term / delta if target == "euler" else lambda_term
     if terminal_init:
-        u_st, u_ss, u_end = student(torch.cat([xs, xs, end]), torch.cat([s, s, t_end]), torch.cat([t, s, t_end]),
-                                    **repeat_cond(b.cond, n, 3)).chunk(3)
+        u_st, u_ss, u_end = student(model_input(student, torch.cat([xs, xs, end])), torch.cat([s, s, t_end]),
+                                    torch.cat([t, s, t_end]), **repeat_cond(b.cond, n, 3)).chunk(3)
     else:
-        u_st, u_ss = student(torch.cat([xs, xs]), torch.cat([s, s]), torch.cat([t, s]), **cond2).chunk(2)
+        xst = model_input(student, xs)
+        u_st, u_ss = student(torch.cat([xst, xst]), torch.cat([s, s]), torch.cat([t, s]), **cond2).chunk(2)
     loss, init, term = itvm_residual_loss(u_st, u_ss, v_s, target_a, target_b, coef, **third_term, weight=b.weight,
                                           lambda_init=lambda_init, lambda_term=lambda_t,
                                           reduction="none" if terminal_init else reduction, return_terms=True,
                                           backend=backend)
     measured = {"init": init, "term": term}
     if terminal_init:
-        extra = squared_error(u_end - v_end, b.weight, "none")
+        extra = squared_error(residual(u_end, v_end), b.weight, "none")
         loss = reduce_per_sample(loss + lambda_init * extra, None, reduction)
-        measured["terminal_init"] = squared_error(u_end.detach() - v_end, None, "mean")
+        measured["terminal_init"] = squared_error(residual(u_end.detach(), v_end), None, "mean")
     return loss, loss_stats(loss, b, **measured)

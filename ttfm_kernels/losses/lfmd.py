@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ttfm_kernels._per_sample import per_sample
+from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
 from ttfm_kernels.jvp import jvp_t
-from ttfm_kernels.losses._common import check_no_ema, loss_stats, prepare, squared_error
+from ttfm_kernels.losses._common import check_no_ema, loss_stats, prepare, residual, squared_error
 from ttfm_kernels.ops.residual import flow_map_step
 
 __all__ = ["lfmd_loss"]
@@ -33,10 +34,10 @@ def lfmd_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
     b = prepare(x1, {"student": student, "teacher": teacher}, sigma_from=teacher, pair=True, cond=cond,
                 teacher_cond=teacher_cond, x0=x0, s=s, t=t, sigma=sigma, weight=weight, reduction=reduction,
                 time_sampler=time_sampler, extrapolate=extrapolate)
-    u, du = jvp_t(student, b.xs, b.s, b.t, create_graph=True, **b.cond)
+    u, du = jvp_t(student, model_input(student, b.xs), b.s, b.t, create_graph=True, **b.cond)
     with torch.no_grad():
         end = flow_map_step(b.xs, u.detach(), b.s, b.t, backend=backend)
-        v_end = teacher(end, b.t, **b.teacher_cond)
-    r = u + per_sample(b.t - b.s, u) * du - v_end
+        v_end = teacher(model_input(teacher, end), b.t, **b.teacher_cond)
+    r = residual(u.to(b.acc) + per_sample(b.t - b.s, u).to(b.acc) * du.to(b.acc), v_end)
     loss = squared_error(r, b.weight, reduction)
     return loss, loss_stats(loss, b, residual=squared_error(r.detach(), None, "mean"))

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
-from ttfm_kernels.losses._common import check_no_ema, loss_stats, prepare, squared_error
+from ttfm_kernels.losses._common import check_no_ema, loss_stats, prepare, residual, squared_error
 from ttfm_kernels.ops.residual import flow_map_step
 
 __all__ = ["progressive_loss"]
@@ -34,8 +35,11 @@ def progressive_loss(student: nn.Module, frozen: nn.Module, x1: torch.Tensor, *,
                 time_sampler=time_sampler, extrapolate=extrapolate)
     m = (b.s + b.t) / 2
     with torch.no_grad():
-        mid = flow_map_step(b.xs, frozen(b.xs, b.s, m, **b.teacher_cond), b.s, m, backend=backend)
-        target = flow_map_step(mid, frozen(mid, m, b.t, **b.teacher_cond), m, b.t, backend=backend)
-    r = flow_map_step(b.xs, student(b.xs, b.s, b.t, **b.cond), b.s, b.t, backend=backend) - target
+        mid = flow_map_step(b.xs, frozen(model_input(frozen, b.xs), b.s, m, **b.teacher_cond), b.s, m,
+                            backend=backend)
+        target = flow_map_step(mid, frozen(model_input(frozen, mid), m, b.t, **b.teacher_cond), m, b.t,
+                               backend=backend)
+    u = student(model_input(student, b.xs), b.s, b.t, **b.cond)
+    r = residual(flow_map_step(b.xs, u, b.s, b.t, backend=backend), target)
     loss = squared_error(r, b.weight, reduction)
     return loss, loss_stats(loss, b, residual=squared_error(r.detach(), None, "mean"))

@@ -105,7 +105,8 @@ class _DiTBody(nn.Module):
         self.final_layer = _FinalLayer(hidden_size, patch_size * patch_size * in_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = self.x_embedder(x).flatten(2).transpose(1, 2)
+        h = h + self.pos_embed.to(h.dtype)  # the fixed table never promotes a bf16 (autocast) residual stream
         for block in self.blocks:
             h = block(h, c)
         h = self.final_layer(h, c)  # (B, grid * grid, p * p * C)

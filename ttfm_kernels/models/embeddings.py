@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from ttfm_kernels._precision import accumulator
+
 __all__ = ["TimeEmbedding", "TwoTimeEmbedding", "sinusoidal_embedding"]
 
 
@@ -24,7 +26,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
                          max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of float times.
 
-    t: (B,) floating; returns (B, dim) in t's dtype: ``[cos(scale * t * f_k), sin(scale * t * f_k)]`` with
+    t: (B,) floating; returns (B, dim) in float32 (float64 for float64 t: times are never computed in half
+    precision, where 1000 t at t = 0.75 rounds to 752): ``[cos(scale * t * f_k), sin(scale * t * f_k)]`` with
     frequencies f_k = max_period ** (-k / (dim // 2)), k = 0 .. dim // 2 - 1 (a zero column pads odd dims).
     ``scale=1000, max_period=10000`` is the DiT/ADM convention for t in [0, 1]; low-dimensional models use a
     smaller ``scale`` so that d/dt of the embedding stays moderate. Differentiable (also under forward AD) in t.
@@ -37,6 +40,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, scale: float = 1000.0,
         raise ValueError(f"dim must be at least 2, got {dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    t = t.to(accumulator(t.dtype))
     args = (scale * t)[:, None] * freqs.to(t.dtype)[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

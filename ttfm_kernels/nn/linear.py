@@ -9,28 +9,36 @@ torch's modules: same constructor arguments, same state_dict keys. The result st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv2d", "Linear"]
+__all__ = ["Conv2d", "Linear", "stacked_tangent"]
 
 
 def _has_tangent(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _stacked(op, x: torch.Tensor, tx: torch.Tensor, bias: torch.Tensor | None, batched: bool,
-             bias_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(op(x) + bias, op(tx)) from one call of the bias-free ``op`` on x and tx stacked along dim 0."""
+def stacked_tangent(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tx: torch.Tensor,
+                    bias: torch.Tensor | None, batched: bool,
+                    bias_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(op(x) + bias, op(tx)) from one call of the bias-free, input-linear ``op`` on x and tx stacked along dim 0.
+
+    ``batched``: x has a batch dim (x and tx are concatenated along it); otherwise a new leading dim is stacked
+    (an unbatched input is never stacked along its channel dim). ``bias_shape``: how the (out,) bias broadcasts
+    against one output. Used by the layers here and by ``ttfm_kernels.fused_jvp`` for F.linear / F.conv*d.
+    """
     if batched:
         out = op(torch.cat((x, tx)))
         y, ty = out[: x.shape[0]], out[x.shape[0]:]
     else:  # no batch dim: stack one
         y, ty = op(torch.stack((x, tx))).unbind(0)
-    if bias is not None:
-        y = y + bias.view(bias_shape)
+    if bias is not None:  # in the output's dtype, as F.linear / conv add it under autocast (no promotion)
+        y = y + bias.view(bias_shape).to(y.dtype)
     return y, ty
 
 
@@ -55,7 +63,7 @@ class _StackedTangent:
         """(layer(x), layer(tx) without bias) in one call; tx None gives (layer(x), None)."""
         if tx is None:
             return super().forward(x), None
-        return _stacked(self._bias_free, x, tx, self.bias, self._batched(x), self._bias_shape)
+        return stacked_tangent(self._bias_free, x, tx, self.bias, self._batched(x), self._bias_shape)
 
 
 class Conv2d(_StackedTangent, nn.Conv2d):

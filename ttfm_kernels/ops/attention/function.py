@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ttfm_kernels import _alloc
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_rank
 from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
+from ttfm_kernels._precision import autocast_inputs, no_autocast
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
 __all__ = ["attention", "jvp_attention", "patch_sdpa"]
@@ -41,7 +42,8 @@ _CPU_TILES = (0, 0)
 #: tiles, -1 = 1 where the CPU has avx512_bf16 (tests force both paths).
 _CPU_BF16_GEMM = -1
 _LAYOUT = "(B, H, N, D)"
-_ORIGINAL_SDPA = F.scaled_dot_product_attention  # captured at import, so patch_sdpa() cannot recurse into itself
+# Captured at import: code that reassigns F.scaled_dot_product_attention to ``attention`` cannot recurse.
+_SDPA = F.scaled_dot_product_attention
 Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
 
 
@@ -89,7 +91,8 @@ def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" backend only (None
     otherwise), for its fused backward."""
     if name == "reference":
-        o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
+        with no_autocast(q.device):
+            o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
         return o, t_o, lse.float(), None
     o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -157,7 +160,7 @@ class _JvpAttentionFn(torch.autograd.Function):
             for i in wanted:
                 grads[i] = found[i]
             return tuple(grads)
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast(saved[0].device):
             leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
                       for i, t in enumerate(saved[:6])]
             outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
@@ -185,74 +188,84 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
 
     q: (B, H, Nq, D); k, v: (B, H, Nk, D); tq, tk, tv: tangents shaped like q, k, v, or None (zero, and their
     products are skipped). float64/32/16 and bfloat16; accumulation in float32 (float64 on the reference).
+    Precision: the compute and output dtype is q's, or under ``torch.autocast`` the autocast dtype (like
+    torch's SDPA: every input but a float64 one is cast to it at the boundary); lse is float32.
     ``scale`` defaults to 1/sqrt(D); ``causal`` masks key j > query i (top-left, like SDPA's is_causal).
     Returns (o, t_o), or (o, t_o, lse) with lse = logsumexp of the scaled scores, (B, H, Nq) float32.
     Every output is differentiable in every input (on "cpu" by the fused O(N)-memory backward).
     Eager equivalent: ``torch.func.jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale), (q, k, v), (tq, tk, tv))`` with zeros for absent tangents.
     """
+    q, k, v, tq, tk, tv = autocast_inputs(q, k, v, tq, tk, tv)
     _validate(q, k, v, tq, tk, tv)
     name = _select(backend, q)
     o, t_o, lse, _ = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
     return (o, t_o, lse) if return_lse else (o, t_o)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
-              causal: bool = False, is_causal: bool | None = None, scale: float | None = None,
-              backend: str = "auto") -> torch.Tensor:
-    """Drop-in for ``F.scaled_dot_product_attention`` (no dropout) that is forward-mode-AD aware.
+def _as_4d(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., N, D) -> (B', H, N, D): 4-D stays as is, fewer dims get leading ones, more are flattened into B'."""
+    if t is None or t.dim() == 4:
+        return t
+    return t.reshape((-1, *t.shape[-3:]) if t.dim() > 4 else (1,) * (4 - t.dim()) + tuple(t.shape))
 
-    q: (B, H, Nq, D), k, v: (B, H, Nk, D), one floating dtype; returns (B, H, Nq, D). ``is_causal`` is an alias
-    of ``causal``. Without a tangent (plain forward, training) it IS torch's SDPA with its own backward. When q,
-    k or v carries a forward-AD tangent (``torch.func.jvp`` or ``torch.autograd.forward_ad``), o and its tangent
-    come from one fused pass (``jvp_attention``), both differentiable (reverse-over-forward works). With
-    ``attn_mask`` the call runs torch's math SDPA: correct tangents, not fused.
-    """
-    causal = bool(causal if is_causal is None else is_causal)
-    (qp, tq), (kp, tk), (vp, tv) = (fwAD.unpack_dual(t) for t in (q, k, v))
-    if tq is None and tk is None and tv is None:
-        return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
+
+def _unfusable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               dropout_p: float) -> str | None:
+    """Why the fused JVP cannot run this SDPA call (None: it can); k, v already repeated for GQA."""
     if attn_mask is not None:
+        return "an explicit attn_mask"
+    if dropout_p > 0.0:
+        return "dropout_p > 0"
+    if q.dim() < 2 or q.dim() != k.dim() or k.shape != v.shape or k.shape[:-2] != q.shape[:-2] \
+            or k.shape[-1] != q.shape[-1]:
+        return "q, k, v shapes that broadcast or a value dim unlike the query's"
+    return None
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False, *, backend: str = "auto") -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention`` (same signature, plus ``backend``), forward-mode-AD aware.
+
+    query: (..., Nq, D), key: (..., Nk, D), value: (..., Nk, Dv), one floating dtype; returns (..., Nq, Dv).
+    Without a tangent (plain forward, training) it IS torch's SDPA with its own backward. When query, key or
+    value carries a forward-AD tangent (``torch.func.jvp`` or ``torch.autograd.forward_ad``), the output and its
+    tangent come from one fused pass (``jvp_attention``), both differentiable (reverse-over-forward works);
+    ``enable_gqa`` repeats the key/value heads first, as SDPA does. An explicit ``attn_mask``, ``dropout_p > 0``
+    or shapes the fused op does not take (broadcast batch dims, Dv != D) run torch's math SDPA instead (exact
+    tangents, not fused), with one warning per reason. Under ``torch.autocast`` the fused pass computes in the
+    autocast dtype, like torch's SDPA (see ``jvp_attention``). Eager equivalent: ``F.scaled_dot_product_attention``.
+    """
+    (qp, tq), (kp, tk), (vp, tv) = (fwAD.unpack_dual(t) for t in (query, key, value))
+    if tq is None and tk is None and tv is None:
+        return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and qp.dim() >= 3 and kp.dim() >= 3 and kp.shape[-3] != qp.shape[-3] \
+            and qp.shape[-3] % kp.shape[-3] == 0:
+        repeats = qp.shape[-3] // kp.shape[-3]
+        kp, tk, vp, tv = (None if t is None else t.repeat_interleave(repeats, dim=-3) for t in (kp, tk, vp, tv))
+    reason = _unfusable(qp, kp, vp, attn_mask, dropout_p)
+    if reason is not None:
+        warn_once("attention", f"{reason}: this JVP runs torch's math SDPA (exact, not fused)")
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale)
-    _validate(qp, kp, vp, tq, tk, tv)
-    name = _select(backend, qp)
-    o, t_o, _, _ = _JvpAttentionFn.apply(qp, kp, vp, tq, tk, tv, causal, _scale(scale, qp.shape[-1]), name)
-    return fwAD.make_dual(o, t_o)
+            return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    qp, kp, vp, tq, tk, tv = autocast_inputs(qp, kp, vp, tq, tk, tv)  # the dtype autocast gives SDPA
+    q4, k4, v4, tq4, tk4, tv4 = (_as_4d(t) for t in (qp, kp, vp, tq, tk, tv))
+    _validate(q4, k4, v4, tq4, tk4, tv4)
+    name = _select(backend, q4)
+    o, t_o, _, _ = _JvpAttentionFn.apply(q4, k4, v4, tq4, tk4, tv4, bool(is_causal), _scale(scale, qp.shape[-1]),
+                                         name)
+    return fwAD.make_dual(o.view(qp.shape), t_o.view(qp.shape))
 
 
-def _sdpa_with_fused_jvp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                         scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with SDPA's signature, routed to ``attention`` when a tangent is present.
+def patch_sdpa() -> contextlib.AbstractContextManager:
+    """Deprecated: ``ttfm_kernels.fused_jvp(ops=("sdpa",))``, which it returns (with a DeprecationWarning).
 
-    Calls ``attention`` can fuse (4-D, same B and H, no mask, no dropout) take the fused JVP; other calls with a
-    tangent run torch's math SDPA (which has a forward-AD rule); calls without a tangent run torch's SDPA.
+    The old process-wide reassignment of ``F.scaled_dot_product_attention`` is gone: the mode reroutes SDPA
+    calls on the thread that entered it, including modules that imported the function by name.
     """
-    has_tangent = any(fwAD.unpack_dual(t).tangent is not None for t in (query, key, value))
-    fusable = (query.dim() == 4 and key.dim() == 4 and query.shape[:2] == key.shape[:2] and attn_mask is None
-               and dropout_p == 0.0)
-    if has_tangent and fusable:
-        return attention(query, key, value, causal=is_causal, scale=scale)
-    context = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if has_tangent
-               else contextlib.nullcontext())
-    with context:
-        return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              scale=scale, enable_gqa=enable_gqa)
+    from ttfm_kernels.fused_jvp import fused_jvp
 
-
-@contextlib.contextmanager
-def patch_sdpa() -> Iterator[None]:
-    """Context manager: route ``F.scaled_dot_product_attention`` through ``attention`` inside it.
-
-    Models that call ``F.scaled_dot_product_attention`` (timm / DiT blocks) then get the fused JVP under
-    ``torch.func.jvp`` or ``forward_ad``; calls without a tangent still run torch's SDPA. The patch replaces the
-    attribute of ``torch.nn.functional`` for the whole process while the context is open (a module that imported
-    the function by name before is not rerouted). Nesting is allowed; the previous function is restored on exit.
-    """
-    previous = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _sdpa_with_fused_jvp
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = previous
+    warnings.warn("ttfm_kernels.patch_sdpa() is deprecated: use ttfm_kernels.fused_jvp(ops=('sdpa',)), or "
+                  "fused_jvp() to route linear, conv and norm tangents too", DeprecationWarning, stacklevel=2)
+    return fused_jvp(ops=("sdpa",))

@@ -11,7 +11,8 @@ softmax (base-2 exponentials), rescaling ALL accumulators (l, acc_o, acc_mu, acc
 
 Accumulation is float32 for every input dtype; float32 inputs use 3xTF32 dots on GPU (float32-accurate, not
 plain TF32). Head dims up to 256 are padded to a power of two >= 16 and masked (72, 80, 96 -> 128); any Nq,
-Nk; causal is top-left.
+Nk; causal is top-left. float32 with a padded head dim of 128 runs one launch per present tangent (t_o is linear
+in the tangents: the partial t_o are summed), because its Q, dQ, K and dK operands together spill registers.
 Tangent presence is a constexpr, so absent tangents cost nothing. Batch/head offsets are int64.
 Under the CPU interpreter (TRITON_INTERPRET=1) one small configuration runs, and bf16 dot operands are
 upcast to float32 (the interpreter's bf16 dot is wrong); GPU launches use the configurations registered in
@@ -26,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ttfm_kernels import _alloc
 from ttfm_kernels._gpu_configs import TritonConfig, register
 
-__all__ = ["INTERPRETER_BLOCKS", "gpu_config", "jvp_attention_fwd_triton", "unsupported"]
+__all__ = ["INTERPRETER_BLOCKS", "gpu_config", "jvp_attention_fwd_triton", "tangent_launches", "unsupported"]
 
 LOG2E = math.log2(math.e)
 
@@ -127,22 +129,39 @@ INTERPRETER_BLOCKS = (64, 32)
 _TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: GPU launch configurations, padded head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the largest tiles
 #: that compile for sm_80 AND sm_90 without register spills (two accumulators, Q, dQ and four score-sized
-#: tiles live per row block). float32 uses 3xTF32 dots (float32-accurate on tensor cores); its D > 64 has no
-#: spill-free configuration, so those calls take the reference backend on GPU.
+#: tiles live per row block). float32 uses 3xTF32 dots (float32-accurate on tensor cores); its D = 128 spills
+#: with all three tangents at every tile size tried (docs/support.md), so it takes one tangent per launch
+#: (``_ONE_TANGENT_PER_LAUNCH``: 168-244 registers, no spills); D = 256 in float32 takes the reference on GPU.
 _GPU_TABLE: dict[str, dict[int, tuple[int, int, int, int]]] = {
     "16bit": {16: (128, 64, 4, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 16, 8, 2),
               256: (16, 32, 8, 1)},
-    "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (16, 32, 4, 2)},
+    "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 8, 1)},
 }
+#: (dtype group, padded head dim) whose kernel takes at most one tangent per launch, on GPU and interpreter alike.
+_ONE_TANGENT_PER_LAUNCH = {("fp32", 128)}
+Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _group(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
 def gpu_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int] | None:
     """The registered GPU (BLOCK_M, BLOCK_N, num_warps, num_stages) for this dtype and head dim, or None."""
-    return _GPU_TABLE["fp32" if dtype == torch.float32 else "16bit"].get(_block_d(head_dim))
+    return _GPU_TABLE[_group(dtype)].get(_block_d(head_dim))
+
+
+def tangent_launches(dtype: torch.dtype, head_dim: int, tangents: Tangents) -> list[Tangents]:
+    """The (tq, tk, tv) of each kernel launch of one call: all tangents in one launch, or (for
+    ``_ONE_TANGENT_PER_LAUNCH``) one launch per present tangent, the others None."""
+    present = [i for i, t in enumerate(tangents) if t is not None]
+    if (_group(dtype), _block_d(head_dim)) not in _ONE_TANGENT_PER_LAUNCH or len(present) <= 1:
+        return [tangents]
+    return [tuple(t if j == i else None for j, t in enumerate(tangents)) for i in present]
 
 
 def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -150,7 +169,7 @@ def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str 
     if head_dim > 256:
         return f"the Triton kernel supports head dims up to 256, got {head_dim}"
     if device.type == "cuda" and gpu_config(dtype, head_dim) is None:
-        return f"no spill-free GPU configuration for {dtype} with head dim {head_dim} (float32 supports D <= 64)"
+        return f"no spill-free GPU configuration for {dtype} with head dim {head_dim} (float32 supports D <= 128)"
     return None
 
 
@@ -160,7 +179,8 @@ def jvp_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """Launch the kernel: writes o, t_o (like q) and lse ((B, H, Nq) float32) for contiguous (B, H, N, D) inputs.
 
     Absent tangents (None) are skipped at compile time. CUDA tensors (with the registered configuration, see
-    ``unsupported``), or CPU tensors under TRITON_INTERPRET=1 (``INTERPRETER_BLOCKS``, any D <= 256).
+    ``unsupported``), or CPU tensors under TRITON_INTERPRET=1 (``INTERPRETER_BLOCKS``, any D <= 256). Calls split
+    by ``tangent_launches`` write o and lse in every launch (the same values) and sum the partial t_o.
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -170,13 +190,18 @@ def jvp_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:
         block_m, block_n, num_warps, num_stages = gpu_config(q.dtype, head_dim)
     grid = (triton.cdiv(n_q, block_m), batch * heads)
-    _jvp_attention_fwd_kernel[grid](
-        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv, o, t_o, lse,
-        n_q, n_k, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-        UPCAST=interpreted and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+    launches = tangent_launches(q.dtype, head_dim, (tq, tk, tv))
+    partial = _alloc.empty_like(t_o) if len(launches) > 1 else t_o
+    for i, (lq, lk, lv) in enumerate(launches):
+        _jvp_attention_fwd_kernel[grid](
+            q, k, v, q if lq is None else lq, k if lk is None else lk, v if lv is None else lv, o,
+            t_o if i == 0 else partial, lse, n_q, n_k, scale * LOG2E, scale,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+            HAS_TQ=lq is not None, HAS_TK=lk is not None, HAS_TV=lv is not None,
+            UPCAST=interpreted and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
+        if i > 0:
+            t_o.add_(partial)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -184,24 +209,30 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _register_gpu_configs() -> None:
-    """Register every GPU table entry, causal and not, with all tangents present (the most resources)."""
+    """Register every GPU table entry, causal and not, with the tangent sets a launch can carry: all three (the
+    most resources), or for ``_ONE_TANGENT_PER_LAUNCH`` each one alone and none."""
+    one_each = [(True, False, False), (False, True, False), (False, False, True), (False, False, False)]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         name = _TL_NAMES[dtype]
-        for block_d, (block_m, block_n, warps, stages) in _GPU_TABLE["fp32" if name == "fp32" else "16bit"].items():
+        for block_d, (block_m, block_n, warps, stages) in _GPU_TABLE[_group(dtype)].items():
+            split = (_group(dtype), block_d) in _ONE_TANGENT_PER_LAUNCH
             for causal in (False, True):
-                register(TritonConfig(
-                    name=f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{'/causal' * causal}",
-                    kernel=_jvp_attention_fwd_kernel,
-                    signature={**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr", "o_ptr",
-                                                "to_ptr"), f"*{name}"),
-                               "lse_ptr": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
-                               "ds_scale": "fp32",
-                               **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_TQ",
-                                                "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"), "constexpr")},
-                    constexprs={"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                "CAUSAL": causal, "HAS_TQ": True, "HAS_TK": True, "HAS_TV": True, "UPCAST": False,
-                                "PRECISION": _precision(dtype)},
-                    num_warps=warps, num_stages=stages))
+                for has in one_each if split else [(True, True, True)]:
+                    label = "/" + ("".join(n for n, h in zip(("tq", "tk", "tv"), has, strict=True) if h) or "none")
+                    register(TritonConfig(
+                        name=f"jvp_attention_fwd/{name}/D{block_d}/BM{block_m}/BN{block_n}{'/causal' * causal}"
+                             f"{label if split else ''}",
+                        kernel=_jvp_attention_fwd_kernel,
+                        signature={**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "tq_ptr", "tk_ptr", "tv_ptr",
+                                                    "o_ptr", "to_ptr"), f"*{name}"),
+                                   "lse_ptr": "*fp32", "n_q": "i32", "n_k": "i32", "qk_scale": "fp32",
+                                   "ds_scale": "fp32",
+                                   **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "HAS_TQ",
+                                                    "HAS_TK", "HAS_TV", "UPCAST", "PRECISION"), "constexpr")},
+                        constexprs={"HEAD_DIM": block_d, "BLOCK_D": block_d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                    "CAUSAL": causal, "HAS_TQ": has[0], "HAS_TK": has[1], "HAS_TV": has[2],
+                                    "UPCAST": False, "PRECISION": _precision(dtype)},
+                        num_warps=warps, num_stages=stages))
 
 
 _register_gpu_configs()

@@ -12,15 +12,19 @@ op is torch's own norm + modulation + SiLU when a graph is needed, else the kern
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
+from ttfm_kernels._precision import cast, no_autocast
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
-__all__ = ["jvp_norm_modulate_silu", "norm_modulate_silu"]
+__all__ = ["group_norm_jvp", "jvp_norm_modulate_silu", "layer_norm_jvp", "norm_modulate_silu"]
 
 _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
     "reference": always,
@@ -38,12 +42,14 @@ if _ext.has_op("norm_modulate_jvp"):
 
 
 def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str, x: torch.Tensor) -> None:
-    """Raise unless ``t`` is a floating tensor of ``shape`` with x's dtype and device."""
+    """Raise unless ``t`` is a floating tensor of ``shape`` on x's device (any floating dtype: the per-channel
+    and per-sample inputs are read in the float32 accumulator)."""
     check_float(name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {layout} = {shape} for x of shape {tuple(x.shape)}, "
                          f"got {tuple(t.shape)}")
-    check_like(name, t, "x", x, shape=False)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, expected {x.device} like x")
 
 
 def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, num_groups: int | None,
@@ -157,14 +163,16 @@ def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt
     name = _BACKENDS.select(backend, x.device, x.dtype)
     has_tangent = any(t is not None for t in (tx, tscale, tshift))
     if name == "reference":
-        return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
-                                           weight=weight, bias=bias, eps=eps, activation=activation)
+        with no_autocast(x.device):
+            return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
+                                               weight=weight, bias=bias, eps=eps, activation=activation)
     if has_tangent:
         return _NormModulateJvpFn.apply(x, tx, scale, shift, tscale, tshift, weight, bias, num_groups, eps,
                                         activation, name)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, shift, weight, bias)):
-        return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                                   activation=activation), None
+        with no_autocast(x.device):
+            return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                                       activation=activation), None
     return _run_kernel(name, x, None, scale, shift, None, None, num_groups, weight, bias, eps,
                        activation == "silu", want_ty=False)
 
@@ -181,15 +189,20 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
 
     x, tx: (B, N, C) with ``num_groups=None`` (LayerNorm over C), or (B, C, H, W) with ``num_groups=G``
     (GroupNorm, G dividing C); scale, shift, tscale, tshift: (B, C); weight, bias: (C,) (the norm's affine,
-    no tangent). All of x's dtype (float64/32/16, bfloat16) and device; any of them may be None.
+    no tangent), on x's device; any of them may be None. Precision: x (float64/32/16, bfloat16; bf16 activations
+    under autocast) sets the compute and output dtype, tx is cast to it at the boundary; the per-channel and
+    per-sample inputs (scale, shift, their tangents, weight, bias) may have any floating dtype (e.g. an fp32
+    modulation beside bf16 activations) and are read in float32, where the statistics are accumulated
+    (float64 for float64 x); autocast does not change this op (its arithmetic runs with autocast off).
     Returns (y, ty) in x's dtype; ty is None when every tangent is None. Eager equivalent::
 
         y = silu((F.layer_norm(x, (C,), weight, bias, eps) * (1 + scale[:, None]) + shift[:, None]))
         ty = the JVP of that with tangents (tx, tscale, tshift)   # GroupNorm: F.group_norm, scale[..., None, None]
 
     ``activation=None`` drops the SiLU. y and ty are differentiable in every input (gradients through the
-    tangent included). Statistics are accumulated in float32 (float64 for float64 inputs).
+    tangent included).
     """
+    tx = cast(tx, x.dtype) if isinstance(x, torch.Tensor) else tx
     _validate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, activation)
     if _has_dual(x, tx, scale, shift, tscale, tshift):
         backend = "reference"  # nested forward AD through the explicit API: the plain formula carries it
@@ -208,6 +221,42 @@ def norm_modulate_silu(x: torch.Tensor, scale: Opt = None, shift: Opt = None, *,
     xp, tx = fwAD.unpack_dual(x)
     sp, tscale = fwAD.unpack_dual(scale) if scale is not None else (None, None)
     shp, tshift = fwAD.unpack_dual(shift) if shift is not None else (None, None)
+    tx = cast(tx, xp.dtype)
     _validate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, activation)
     y, ty = _norm_modulate(xp, tx, sp, shp, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
     return y if ty is None else fwAD.make_dual(y, ty)
+
+
+def _flat(t: Opt, shape: tuple[int, ...]) -> Opt:
+    return None if t is None else t.reshape(shape)
+
+
+def layer_norm_jvp(x: torch.Tensor, tx: Opt, normalized_shape: Sequence[int], weight: Opt = None,
+                   bias: Opt = None, eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.layer_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (..., *normalized_shape), viewed as the op's (1, rows, C) LayerNorm form with C = prod(normalized_shape);
+    weight, bias: ``normalized_shape`` or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.layer_norm(x, normalized_shape, weight, bias, eps), (x,), (tx,))``.
+    """
+    channels = math.prod(normalized_shape)
+    rows = (1, -1, channels)
+    y, ty = jvp_norm_modulate_silu(_flat(x, rows), _flat(tx, rows), weight=_flat(weight, (channels,)),
+                                   bias=_flat(bias, (channels,)), eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)
+
+
+def group_norm_jvp(x: torch.Tensor, tx: Opt, num_groups: int, weight: Opt = None, bias: Opt = None,
+                   eps: float = 1e-5, *, backend: str = "auto") -> tuple[torch.Tensor, Opt]:
+    """``F.group_norm`` and its tangent in one fused call (the norm op without modulation or activation).
+
+    x, tx: (N, C, *) with any number of spatial dims (none included), viewed as the op's (N, C, L, 1) GroupNorm
+    form; weight, bias: (C,) or None, no tangent. Returns (y, ty) shaped like x (ty None when tx is).
+    Eager equivalent: ``torch.func.jvp(lambda x: F.group_norm(x, num_groups, weight, bias, eps), (x,), (tx,))``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) for group_norm, got {tuple(x.shape)}")
+    form = (x.shape[0], x.shape[1], -1, 1)
+    y, ty = jvp_norm_modulate_silu(x.reshape(form), _flat(tx, form), num_groups=num_groups, weight=weight,
+                                   bias=bias, eps=eps, activation=None, backend=backend)
+    return y.view(x.shape), _flat(ty, x.shape)

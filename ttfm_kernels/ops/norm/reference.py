@@ -39,14 +39,16 @@ def norm_modulate_eager(x: torch.Tensor, scale: torch.Tensor | None = None, shif
                         activation: str | None = "silu") -> torch.Tensor:
     """y = act((norm(x) * weight + bias) * (1 + scale) + shift) with torch's own norm kernels.
 
-    The no-tangent path of the op when a graph is needed (torch's kernels and backward), in x's dtype.
+    The no-tangent path of the op when a graph is needed (torch's kernels and backward). weight, bias, scale and
+    shift may have another floating dtype than x (an fp32 modulation of bf16 activations: the modulation runs in
+    the promoted dtype); the result is in x's dtype.
     """
     if num_groups is None:
         p = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     else:
         p = F.group_norm(x, num_groups, weight, bias, eps)
     y = _modulate(p, scale, shift, num_groups)
-    return F.silu(y) if activation == "silu" else y
+    return (F.silu(y) if activation == "silu" else y).to(x.dtype)
 
 
 def norm_modulate_jvp_reference(x: torch.Tensor, tx: torch.Tensor | None = None, scale: torch.Tensor | None = None,

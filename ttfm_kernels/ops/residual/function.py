@@ -93,12 +93,17 @@ def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Te
                   out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """The flow-map step X_{s,t}(x) = x + (t - s) * u with per-sample times.
 
-    x, u: (B, ...) of one floating dtype; s, t: (B,) floating (any float dtype, used in x's dtype).
-    Returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
-    ``x + (t - s).view(-1, *[1] * (x.dim() - 1)) * u``. Differentiable in every input (the compiled kernel
-    runs only when no graph or tangent is needed; otherwise the same formula runs as torch ops).
+    x: (B, ...) floating, the state (its dtype is the data dtype); u: (B, ...) of any floating dtype (a model's
+    output, bf16 under autocast), cast to x's dtype at the boundary; s, t: (B,) of any floating dtype (float32
+    or wider by the precision policy). t - s and the step are formed in float32 (float64 for float64 x) and
+    rounded once: returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
+    ``(x.float() + (t - s).float().view(-1, *[1] * (x.dim() - 1)) * u.float()).to(x.dtype)``. Differentiable in
+    every input (the compiled kernel runs only when no graph or tangent is needed; otherwise the same formula
+    runs as torch ops).
     """
     check_float("x", x)
+    check_float("u", u)
+    u = u.to(x.dtype)
     check_like("u", u, "x", x)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must have shape (B, ...) with B >= 1, got {tuple(x.shape)}")

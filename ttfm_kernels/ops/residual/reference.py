@@ -7,13 +7,18 @@ import functools
 import torch
 
 from ttfm_kernels._per_sample import per_sample, reduce_per_sample
+from ttfm_kernels._precision import accumulator
 
 __all__ = ["flow_map_step_reference", "itvm_residual_loss_reference"]
 
 
 def flow_map_step_reference(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """X_{s,t}(x) = x + (t - s) u with per-sample times. x, u: (B, ...); s, t: (B,). Differentiable."""
-    return x + per_sample(t - s, x).to(x.dtype) * u
+    """X_{s,t}(x) = x + (t - s) u with per-sample times. x, u: (B, ...) of one dtype; s, t: (B,).
+
+    t - s is formed in the times' dtype and the step in the accumulator (float32, float64 for float64 inputs),
+    then rounded once to x's dtype: a half-precision x never rounds the step size. Differentiable."""
+    acc = accumulator(x.dtype)
+    return (x.to(acc) + per_sample(t - s, x).to(acc) * u.to(acc)).to(x.dtype)
 
 
 def itvm_residual_loss_reference(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor,
