@@ -6,7 +6,9 @@
 // - flow_map_step: one elementwise pass.
 // - itvm_residual_loss_fwd: each sample's features are split over several blocks (grid = chunks x B) so a
 //   batch of 64 still fills every SM; each block reduces its chunk with warp shuffles and writes one partial,
-//   and a second kernel combines a sample's partials in chunk order (deterministic, no atomics). Given an
+//   and a second kernel combines a sample's partials in chunk order (deterministic, no atomics) into the
+//   per-sample loss and, when asked, the per-sample means of both squared residuals. The three-term target
+//   (target_c given) is a compile-time variant, so the two-term one reads no sixth tensor. Given an
 //   incoming gradient of the losses, the first kernel also writes both gradients in the same pass (the autograd
 //   in csrc/cpu/residual.cpp uses that in backward).
 // Loads and stores move 16-byte packs when D is a multiple of the pack and the pointers are aligned.
@@ -104,7 +106,8 @@ __device__ __forceinline__ rs::SquareSums<acc_t> block_sums(rs::SquareSums<acc_t
   return v;
 }
 
-// The pointers and scalars of one residual call, passed by value to the kernels. weight may be null (all 1).
+// The pointers and scalars of one residual call, passed by value to the kernels. weight may be null (all 1);
+// target_c and coef_c are null for the two-term target.
 template <typename scalar_t, typename acc_t>
 struct ResidualArgs {
   const scalar_t* u_st;
@@ -112,7 +115,9 @@ struct ResidualArgs {
   const scalar_t* v_s;
   const scalar_t* target_a;
   const scalar_t* target_b;
+  const scalar_t* target_c;
   const acc_t* coef;
+  const acc_t* coef_c;
   const acc_t* weight;
   int64_t dim;
   acc_t lambda_init;
@@ -130,18 +135,26 @@ __device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* __restr
   return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p + i);
 }
 
-// Residuals r_I, r_T of the VEC elements starting at flat index i (all in one sample, coefficient coef_b).
-template <int VEC, typename scalar_t, typename acc_t>
+// Residuals r_I, r_T of the VEC elements starting at flat index i (all in one sample, coefficients coef_b and,
+// with kThree, coef_c_b).
+template <bool kThree, int VEC, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void residual_pack(const ResidualArgs<scalar_t, acc_t>& a, int64_t i, acc_t coef_b,
-                                              acc_t (&r_init)[VEC], acc_t (&r_term)[VEC]) {
+                                              acc_t coef_c_b, acc_t (&r_init)[VEC], acc_t (&r_term)[VEC]) {
   const Pack<scalar_t, VEC> u_st = load_pack<VEC>(a.u_st, i), u_ss = load_pack<VEC>(a.u_ss, i),
                             v_s = load_pack<VEC>(a.v_s, i), t_a = load_pack<VEC>(a.target_a, i),
                             t_b = load_pack<VEC>(a.target_b, i);
+  if constexpr (kThree) {
+    const Pack<scalar_t, VEC> t_c = load_pack<VEC>(a.target_c, i);
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    r_init[k] = rs::init_residual<acc_t>(u_ss.v[k], v_s.v[k]);
-    r_term[k] = rs::term_residual<acc_t>(u_st.v[k], t_a.v[k], t_b.v[k], coef_b);
+    for (int k = 0; k < VEC; ++k) {
+      r_term[k] = rs::term_residual<acc_t>(u_st.v[k], t_a.v[k], t_b.v[k], coef_b, t_c.v[k], coef_c_b);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r_term[k] = rs::term_residual<acc_t>(u_st.v[k], t_a.v[k], t_b.v[k], coef_b);
   }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) r_init[k] = rs::init_residual<acc_t>(u_ss.v[k], v_s.v[k]);
 }
 
 // The gradient outputs of a residual call (kGrads kernels only): grad_u_st, grad_u_ss (B, D) and the incoming
@@ -156,7 +169,7 @@ struct GradArgs {
 // Stage 1: block (c, b) reduces elements [c * chunk, min((c + 1) * chunk, dim)) of sample b into partial[b, c];
 // with kGrads it also writes both gradients of those elements in the same pass.
 // VEC divides dim and chunk, so a pack never crosses a chunk or a sample.
-template <bool kGrads, int VEC, typename scalar_t, typename acc_t>
+template <bool kGrads, bool kThree, int VEC, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs<scalar_t, acc_t> a,
                                                                     GradArgs<scalar_t, acc_t> g,
                                                                     rs::SquareSums<acc_t>* __restrict__ partial,
@@ -167,18 +180,19 @@ __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs
   const int len = static_cast<int>((begin + chunk < a.dim ? begin + chunk : a.dim) - begin);
   const int64_t base = b * a.dim + begin;
   const acc_t coef_b = a.coef[b];
+  const acc_t coef_c_b = kThree ? a.coef_c[b] : acc_t(0);
   rs::GradScales<acc_t> scale{acc_t(0), acc_t(0)};
   if constexpr (kGrads) {
     scale = rs::grad_scales<acc_t>(g.grad_losses[b], a.weight ? a.weight[b] : acc_t(1), a.dim, a.lambda_init,
                                    a.lambda_term);
   }
   rs::SquareSums<acc_t> sums = rs::zero_sums<acc_t>();
-  // Not unrolled: five independent 16-byte loads per iteration keep enough bytes in flight, and unrolling made
+  // Not unrolled: five (six) independent 16-byte loads per iteration keep enough bytes in flight, and unrolling made
   // ptxas spill (bf16 on sm_80, float on sm_90a).
 #pragma unroll 1
   for (int j = threadIdx.x * VEC; j < len; j += kThreads * VEC) {
     acc_t r_init[VEC], r_term[VEC];
-    residual_pack<VEC>(a, base + j, coef_b, r_init, r_term);
+    residual_pack<kThree, VEC>(a, base + j, coef_b, coef_c_b, r_init, r_term);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) rs::accumulate(sums, r_init[k], r_term[k]);
     if constexpr (kGrads) {
@@ -197,29 +211,39 @@ __global__ void __launch_bounds__(kThreads) residual_partial_kernel(ResidualArgs
 }
 
 // Stage 2: one warp per sample combines its partials (lane l takes chunks l, l + 32, ... in order) and writes
-// the weighted per-sample loss.
+// the weighted per-sample loss and, when `terms` is not null, the per-sample means {init, term}.
 template <typename scalar_t, typename acc_t>
 __global__ void residual_finish_kernel(ResidualArgs<scalar_t, acc_t> a,
                                        const rs::SquareSums<acc_t>* __restrict__ partial, int64_t chunks,
-                                       acc_t* __restrict__ losses) {
+                                       acc_t* __restrict__ losses, acc_t* __restrict__ terms) {
   const int64_t b = blockIdx.x;
   rs::SquareSums<acc_t> sums = rs::zero_sums<acc_t>();
   for (int64_t c = threadIdx.x; c < chunks; c += kWarpSize) sums = rs::combine(sums, partial[b * chunks + c]);
   sums = warp_sums(sums);
   if (threadIdx.x == 0) {
     losses[b] = rs::sample_loss<acc_t>(sums, a.dim, a.lambda_init, a.lambda_term, a.weight ? a.weight[b] : acc_t(1));
+    if (terms != nullptr) {
+      const rs::SquareSums<acc_t> means = rs::sample_terms(sums, a.dim);
+      terms[2 * b] = means.init;
+      terms[2 * b + 1] = means.term;
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-ResidualArgs<scalar_t, acc_t> residual_args(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
-                                            const at::Tensor& target_a, const at::Tensor& target_b,
-                                            const at::Tensor& coef, const std::optional<at::Tensor>& weight,
-                                            double lambda_init, double lambda_term) {
-  return {u_st.const_data_ptr<scalar_t>(), u_ss.const_data_ptr<scalar_t>(), v_s.const_data_ptr<scalar_t>(),
-          target_a.const_data_ptr<scalar_t>(), target_b.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
-          weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr, u_st.numel() / u_st.size(0),
-          static_cast<acc_t>(lambda_init), static_cast<acc_t>(lambda_term)};
+ResidualArgs<scalar_t, acc_t> residual_args(const ResidualTensors& t, double lambda_init, double lambda_term) {
+  return {t.u_st.const_data_ptr<scalar_t>(),
+          t.u_ss.const_data_ptr<scalar_t>(),
+          t.v_s.const_data_ptr<scalar_t>(),
+          t.target_a.const_data_ptr<scalar_t>(),
+          t.target_b.const_data_ptr<scalar_t>(),
+          t.target_c.has_value() ? t.target_c->const_data_ptr<scalar_t>() : nullptr,
+          t.coef.const_data_ptr<acc_t>(),
+          t.coef_c.has_value() ? t.coef_c->const_data_ptr<acc_t>() : nullptr,
+          t.weight.has_value() ? t.weight->const_data_ptr<acc_t>() : nullptr,
+          t.u_st.numel() / t.u_st.size(0),
+          static_cast<acc_t>(lambda_init),
+          static_cast<acc_t>(lambda_term)};
 }
 
 // 16-byte packs when every (B, D) pointer is 16-byte aligned and D is a multiple of the pack; else 1.
@@ -235,7 +259,8 @@ bool can_pack(int64_t dim, std::initializer_list<const void*> pointers) {
 
 template <typename scalar_t, typename acc_t>
 bool can_pack(const ResidualArgs<scalar_t, acc_t>& a) {
-  return can_pack<scalar_t>(a.dim, {a.u_st, a.u_ss, a.v_s, a.target_a, a.target_b});
+  // A null target_c (the two-term target) counts as aligned.
+  return can_pack<scalar_t>(a.dim, {a.u_st, a.u_ss, a.v_s, a.target_a, a.target_b, a.target_c});
 }
 
 // Chunk length (a multiple of kThreads, hence of every pack width) so that chunks x batch blocks fill the GPU
@@ -252,19 +277,27 @@ int64_t chunk_length(int64_t batch, int64_t dim) {
 template <bool kGrads, int VEC, typename scalar_t, typename acc_t>
 void launch_partial(const ResidualArgs<scalar_t, acc_t>& args, const GradArgs<scalar_t, acc_t>& grads,
                     rs::SquareSums<acc_t>* partial, int64_t chunk, dim3 grid, cudaStream_t stream) {
-  residual_partial_kernel<kGrads, VEC><<<grid, kThreads, 0, stream>>>(args, grads, partial, chunk);
+  if (args.target_c != nullptr) {
+    residual_partial_kernel<kGrads, true, VEC><<<grid, kThreads, 0, stream>>>(args, grads, partial, chunk);
+  } else {
+    residual_partial_kernel<kGrads, false, VEC><<<grid, kThreads, 0, stream>>>(args, grads, partial, chunk);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The per-sample losses and, with grad_losses given, both gradients in the same pass (see the CPU kernel).
+// The per-sample losses, the per-sample means when `terms` is given and, with grad_losses given, both gradients
+// in the same pass (see the CPU kernel).
 void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
                                  const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
+                                 const std::optional<at::Tensor>& target_c, const std::optional<at::Tensor>& coef_c,
                                  const std::optional<at::Tensor>& weight, double lambda_init, double lambda_term,
-                                 const at::Tensor& losses, const std::optional<at::Tensor>& grad_losses,
+                                 const at::Tensor& losses, const std::optional<at::Tensor>& terms,
+                                 const std::optional<at::Tensor>& grad_losses,
                                  const std::optional<at::Tensor>& grad_u_st,
                                  const std::optional<at::Tensor>& grad_u_ss) {
-  check_residual_inputs(u_st, u_ss, v_s, target_a, target_b, coef, weight);
-  check_residual_outputs(u_st, losses, grad_losses, grad_u_st, grad_u_ss);
+  const ResidualTensors tensors{u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight};
+  check_residual_inputs(tensors);
+  check_residual_outputs(u_st, losses, terms, grad_losses, grad_u_st, grad_u_ss);
   const c10::cuda::CUDAGuard guard(u_st.device());
   const int64_t batch = u_st.size(0);
   const int64_t dim = u_st.numel() / batch;
@@ -275,8 +308,7 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int vec = kPack<scalar_t>;
-    const auto args = residual_args<scalar_t, acc_t>(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init,
-                                                     lambda_term);
+    const auto args = residual_args<scalar_t, acc_t>(tensors, lambda_init, lambda_term);
     // Scratch for the stage-1 partials: two acc_t per (sample, chunk).
     const at::Tensor scratch = at::empty({batch * chunks * 2}, coef.options());
     auto* partial = reinterpret_cast<rs::SquareSums<acc_t>*>(scratch.data_ptr<acc_t>());
@@ -299,7 +331,8 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
       }
     }
     residual_finish_kernel<<<static_cast<unsigned>(batch), kWarpSize, 0, stream>>>(
-        args, partial, chunks, losses.mutable_data_ptr<acc_t>());
+        args, partial, chunks, losses.mutable_data_ptr<acc_t>(),
+        terms.has_value() ? terms->mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -121,6 +121,35 @@ void test_gradients_match_finite_differences() {
   }
 }
 
+// The "fd" target in float: a + (-b / delta + c / delta) with b and c of magnitude 1 and c - b of order delta.
+// Formed in float it keeps the small difference to float's precision relative to the large terms (about
+// |b| / delta * 2^-24); the per-sample means come back unweighted.
+void test_three_term_target_and_sample_terms() {
+  const double delta = 0.01;
+  std::mt19937 gen(5);
+  std::normal_distribution<double> normal;
+  rs::SquareSums<float> sums = rs::zero_sums<float>();
+  double init = 0, term = 0;
+  const int n = 257;
+  for (int i = 0; i < n; ++i) {
+    const float u_st = static_cast<float>(normal(gen)), a = static_cast<float>(normal(gen));
+    const float b = static_cast<float>(normal(gen));
+    const float c = static_cast<float>(b + delta * normal(gen));
+    const double expected = static_cast<double>(u_st) - (a + (static_cast<double>(c) - b) / delta);
+    const float r_t = rs::term_residual<float>(u_st, a, b, static_cast<float>(-1 / delta), c,
+                                               static_cast<float>(1 / delta));
+    expect_near(r_t, expected, 4 * std::ldexp(1.0 / delta, -24), "three-term residual in float");
+    expect_near(rs::term_residual<double>(u_st, a, b, 0.5, c, 0.0), rs::term_residual<double>(u_st, a, b, 0.5),
+                0.0, "a zero coef_c drops target_c");
+    rs::accumulate(sums, 2.0f * r_t, r_t);
+    init += 4.0 * r_t * r_t;
+    term += static_cast<double>(r_t) * r_t;
+  }
+  const rs::SquareSums<float> means = rs::sample_terms(sums, n);
+  expect_near(means.init, init / n, 1e-5, "sample_terms init");
+  expect_near(means.term, term / n, 1e-5, "sample_terms term");
+}
+
 void test_num_chunks() {
   expect_near(rs::num_chunks(0, 256), 1, 0, "num_chunks(0)");
   expect_near(rs::num_chunks(256, 256), 1, 0, "num_chunks(256)");
@@ -134,6 +163,7 @@ int main() {
   test_zero_lambdas_select_terms();
   test_tree_reduce_order();
   test_gradients_match_finite_differences();
+  test_three_term_target_and_sample_terms();
   test_num_chunks();
   if (failures == 0) std::printf("residual math: all tests passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tests.ops.test_residual import DTYPES, make_inputs
+from tests.ops.test_residual import DTYPES, make_inputs, reference64, terms64, three_term_inputs
 from ttfm_kernels import _ext, flow_map_step, itvm_residual_loss
 from ttfm_kernels.ops.residual.function import _FLOW_MAP_STEP, _RESIDUAL
 from ttfm_kernels.ops.residual.reference import flow_map_step_reference, itvm_residual_loss_reference
@@ -75,3 +75,26 @@ def test_auto_picks_the_cuda_kernels(dtype):
         warnings.simplefilter("ignore", RuntimeWarning)
         assert _RESIDUAL.select("auto", torch.device("cuda"), dtype) == "cuda"
         assert _FLOW_MAP_STEP.select("auto", torch.device("cuda"), dtype) == "cuda"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "reduction"), [((4, 37), "mean"), ((2, 5, 7, 3), "none"), ((3, 70001), "mean")])
+def test_itvm_residual_loss_cuda_three_term_target_and_terms(dtype, shape, reduction):
+    """target_c / coef_c (the "fd" target's u' and 1 / delta) and return_terms on the CUDA kernels against the
+    float64 reference on the CPU: loss, both statistics and both gradients."""
+    tensors, coef, w, third = three_term_inputs(shape, dtype)
+    cuda = {k: v.cuda() for k, v in third.items()}
+    u_st, u_ss = (x.cuda().requires_grad_() for x in tensors[:2])
+    loss, init, term = itvm_residual_loss(u_st, u_ss, *(x.cuda() for x in tensors[2:]), coef.cuda(),
+                                          weight=w.cuda(), reduction=reduction, return_terms=True, backend="cuda",
+                                          **cuda)
+    g_st, g_ss = torch.autograd.grad(loss.sum(), [u_st, u_ss])
+    ref = terms64(tensors, coef, w, reduction, **third)
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, a, r in zip(("loss", "init_mean", "term_mean"), (loss, init, term), ref, strict=True):
+        assert a.is_cuda and a.dtype == accumulate
+        assert_close_to_ref(a.cpu(), r, dtype=accumulate, name=name)
+    _, ref_st, ref_ss = reference64(tensors, coef, w, reduction, True, **third)  # unit gradients, as loss.sum()
+    assert_close_to_ref(g_st.cpu(), ref_st.to(dtype), dtype=dtype, name="grad u_st")
+    assert_close_to_ref(g_ss.cpu(), ref_ss.to(dtype), dtype=dtype, name="grad u_ss")
+    assert_nontrivial(g_st.cpu(), "grad u_st")

@@ -71,6 +71,118 @@ def test_cpu_matches_reference(dtype, reduction, shape, target, weight, unit_gra
     assert_nontrivial(g_ss, "grad u_ss")
 
 
+def three_term_inputs(shape, dtype=torch.float32):
+    """The inputs of make_inputs plus target_c and coef_c (the "fd" target's u' and 1 / delta)."""
+    tensors, coef, w = make_inputs(shape, dtype, "fd")
+    return tensors, -coef, w, {"target_c": torch.randn(shape, dtype=torch.float64).to(dtype), "coef_c": coef}
+
+
+def terms64(tensors, coef, weight, reduction, **kw):
+    """The reference (loss, init_mean, term_mean) in float64 from the same inputs."""
+    kw = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return itvm_residual_loss_reference(*(x.double() for x in tensors), coef.double(),
+                                        weight=None if weight is None else weight.double(), reduction=reduction,
+                                        return_terms=True, **kw)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(4, 37), (3, 20000)])  # one kernel chunk per sample; two, the second partial
+@pytest.mark.parametrize("unit_grad", [True, False], ids=["unit-grad", "random-grad"])
+def test_cpu_three_term_target_and_terms_match_reference(dtype, reduction, shape, unit_grad):
+    tensors, coef, w, third = three_term_inputs(shape, dtype)
+    kw = {"lambda_init": 0.7, "lambda_term": 1.3, **third}
+    loss, g_st, g_ss = loss_and_grads(tensors, coef, w, reduction, "cpu", unit_grad, **kw)
+    ref_loss, ref_st, ref_ss = reference64(tensors, coef, w, reduction, unit_grad, **kw)
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close_to_ref(loss, ref_loss, dtype=accumulate, name="loss")
+    assert_close_to_ref(g_st, ref_st.to(dtype), dtype=dtype, name="grad u_st")
+    assert_close_to_ref(g_ss, ref_ss.to(dtype), dtype=dtype, name="grad u_ss")
+    assert_nontrivial(g_st, "grad u_st")
+    # Without target_c the loss differs: the third term is really read.
+    two_term = itvm_residual_loss(*tensors, coef, weight=w, reduction=reduction, backend="cpu")
+    assert not torch.allclose(two_term, loss.detach())
+    got = itvm_residual_loss(*tensors, coef, weight=w, reduction=reduction, return_terms=True, backend="cpu", **kw)
+    expected = terms64(tensors, coef, w, reduction, **kw)
+    for name, a, r in zip(("loss", "init_mean", "term_mean"), got, expected, strict=True):
+        assert a.dtype == accumulate and not a.requires_grad
+        assert_close_to_ref(a, r, dtype=accumulate, name=name)
+    assert got[1].shape == got[2].shape == ()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+def test_return_terms_are_the_unweighted_mean_squared_residuals(backend):
+    tensors, coef, w, third = three_term_inputs((3, 2, 5), torch.float64)
+    u_st = tensors[0].clone().requires_grad_()
+    loss, init, term = itvm_residual_loss(u_st, *tensors[1:], coef, weight=w, lambda_init=0.5, return_terms=True,
+                                          backend=backend, **third)
+    u_st_, u_ss, v_s, a, b = tensors
+    r_t = u_st_ - (a + coef.view(-1, 1, 1) * b + third["coef_c"].view(-1, 1, 1) * third["target_c"])
+    torch.testing.assert_close(init, (u_ss - v_s).square().mean())
+    torch.testing.assert_close(term, r_t.square().mean())
+    assert init.grad_fn is None and term.grad_fn is None and loss.grad_fn is not None
+    torch.testing.assert_close(loss, ((0.5 * (u_ss - v_s).square() + r_t.square()).mean((1, 2)) * w).mean())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+def test_fd_target_in_bfloat16_at_small_delta(backend):
+    """The "fd" target v - (u - u') / delta at delta = 0.01 from bfloat16 data: its terms given separately, the
+    op forms the cancelling difference in float32 and stays within the bfloat16 tolerance of float64 arithmetic
+    on the same values; the old formula (v - u / delta rounded to bfloat16 before the op) does not."""
+    delta, shape = 0.01, (4, 4096)
+    gen = torch.Generator().manual_seed(3)
+
+    def data(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16)
+
+    u_ema = data(torch.randn(shape, generator=gen, dtype=torch.float64))
+    u_prime = data(u_ema.double() + delta * torch.randn(shape, generator=gen, dtype=torch.float64))
+    v_end, v_s = (data(torch.randn(shape, generator=gen, dtype=torch.float64)) for _ in range(2))
+    u_ss = data(v_s.double() + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64))
+    exact_target = v_end.double() - (u_ema.double() - u_prime.double()) / delta
+    u_st = data(exact_target + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64))
+    coef, coef_c = torch.full((4,), -1 / delta), torch.full((4,), 1 / delta)
+
+    def grads(target_a, target_b, cf, **kw):
+        x = u_st.clone().requires_grad_()
+        loss = itvm_residual_loss(x, u_ss, v_s, target_a, target_b, cf, backend=backend, **kw)
+        return loss, torch.autograd.grad(loss, [x])[0]
+
+    ref_loss, ref_grad, _ = loss_and_grads([u_st.double(), u_ss.double(), v_s.double(), v_end.double(),
+                                         u_ema.double()], coef.double(), None, "mean", None, True,
+                                        target_c=u_prime.double(), coef_c=coef_c.double())
+    loss, grad = grads(v_end, u_ema, coef, target_c=u_prime, coef_c=coef_c)
+    assert_close_to_ref(loss, ref_loss, dtype=torch.bfloat16, name="loss")
+    assert_close_to_ref(grad, ref_grad.to(torch.bfloat16), name="grad u_st")
+    assert_nontrivial(grad)
+    old_loss, old_grad = grads(v_end - u_ema / delta, u_prime, coef_c)
+    with pytest.raises(AssertionError):
+        assert_close_to_ref(old_grad, ref_grad.to(torch.bfloat16), name="grad u_st (old formula)")
+    assert (old_loss - ref_loss).abs() > 3e-2 * ref_loss.abs()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernel), "reference"])
+def test_mixed_input_dtypes_combine_in_float32(backend):
+    """A bfloat16 student against float32 targets (autocast): the loss matches float64 arithmetic on the same
+    values, and each gradient comes back in its input's dtype."""
+    tensors, coef, w, third = three_term_inputs((3, 40))
+    dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32)
+    mixed = [x.to(d) for x, d in zip(tensors, dtypes, strict=True)]
+    u_st, u_ss = (x.clone().requires_grad_() for x in mixed[:2])
+    loss, init, term = itvm_residual_loss(u_st, u_ss, *mixed[2:], coef, weight=w, return_terms=True,
+                                          backend=backend, **third)
+    g_st, g_ss = torch.autograd.grad(loss, [u_st, u_ss])
+    assert loss.dtype == init.dtype == torch.float32
+    assert g_st.dtype == torch.bfloat16 and g_ss.dtype == torch.float16
+    ref = terms64(mixed, coef, w, "mean", **third)
+    for name, a, r in zip(("loss", "init_mean", "term_mean"), (loss, init, term), ref, strict=True):
+        assert_close_to_ref(a, r, dtype=torch.float32, name=name)
+    _, ref_st, ref_ss = reference64(mixed, coef, w, "mean", True, **third)
+    assert_close_to_ref(g_st, ref_st.to(torch.bfloat16), name="grad u_st")
+    assert_close_to_ref(g_ss, ref_ss.to(torch.float16), name="grad u_ss")
+
+
 @needs_cpu_kernel
 def test_cpu_large_odd_feature_size():
     tensors, coef, w = make_inputs((1, 1000003), torch.float32, "fd")
@@ -224,15 +336,15 @@ def test_forward_ad_tangent_is_carried(api, which):
 def test_opcheck_public_and_kernel_ops():
     tensors, coef, w = make_inputs((3, 4, 5))
     grad_inputs = [x.clone().requires_grad_() for x in tensors[:2]] + tensors[2:]
-    for weight in (w, None):
+    for weight, third in ((w, (tensors[3].clone(), coef * 2)), (None, (None, None))):
         for reduction in ("mean", "none"):
             torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss.default,
-                                  (*grad_inputs, coef, weight, 0.5, 2.0, reduction))
+                                  (*grad_inputs, coef, *third, weight, 0.5, 2.0, reduction))
         torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
-                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3), None, None, None))
+                              (*tensors, coef, *third, weight, 0.5, 2.0, torch.empty(3), None, None, None, None))
         torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
-                              (*tensors, coef, weight, 0.5, 2.0, torch.empty(3), torch.randn(3),
-                               torch.empty(3, 4, 5), torch.empty(3, 4, 5)))
+                              (*tensors, coef, *third, weight, 0.5, 2.0, torch.empty(3), torch.empty(3, 2),
+                               torch.randn(3), torch.empty(3, 4, 5), torch.empty(3, 4, 5)))
     torch.library.opcheck(torch.ops.ttfm.flow_map_step.default,
                           (tensors[0], tensors[1], coef, coef * 2, torch.empty(3, 4, 5)))
 
@@ -249,11 +361,16 @@ def _bad_calls():
     cases.append(("coef shape", "coef", torch.randn(3, 1), ValueError, "coef"))
     cases.append(("coef batch", "coef", torch.randn(4), ValueError, "coef"))
     cases.append(("coef integer", "coef", torch.ones(3, dtype=torch.int32), TypeError, "coef"))
+    cases.append(("coef_c shape", "coef_c", torch.randn(2), ValueError, "coef_c"))
+    cases.append(("target_c shape", "target_c", torch.randn(3, 5), ValueError, "target_c"))
+    cases.append(("target_c integer", "target_c", torch.ones(3, 4, dtype=torch.int64), TypeError, "target_c"))
     cases.append(("weight shape", "weight", torch.rand(2), ValueError, "weight"))
     cases.append(("weight device", "weight", torch.rand(3, device="meta"), ValueError, "weight"))
     for i in range(2, 5):
         cases.append((f"{NAMES[i]} requires grad", i, t[i].clone().requires_grad_(), ValueError, NAMES[i]))
     cases.append(("coef requires grad", "coef", c.clone().requires_grad_(), ValueError, "coef"))
+    cases.append(("target_c requires grad", "target_c", t[4].clone().requires_grad_(), ValueError, "target_c"))
+    cases.append(("coef_c requires grad", "coef_c", c.clone().requires_grad_(), ValueError, "coef_c"))
     cases.append(("weight requires grad", "weight", w.clone().requires_grad_(), ValueError, "weight"))
     return cases
 
@@ -263,13 +380,20 @@ def _bad_calls():
 def test_bad_input_names_the_argument(case, backend):
     _, where, value, error, fragment = case
     tensors, coef, w = make_inputs((3, 4))
-    args = {"coef": coef, "weight": w}
+    args = {"coef": coef, "weight": w, "target_c": tensors[4].clone(), "coef_c": coef.clone()}
     if isinstance(where, int):
         tensors[where] = value
     else:
         args[where] = value
     with pytest.raises(error, match=fragment):
-        itvm_residual_loss(*tensors, args["coef"], weight=args["weight"], backend=backend)
+        itvm_residual_loss(*tensors, args.pop("coef"), **args, backend=backend)
+
+
+@pytest.mark.parametrize("given", ["target_c", "coef_c"])
+def test_target_c_and_coef_c_come_together(given):
+    tensors, coef, _ = make_inputs((3, 4))
+    with pytest.raises(ValueError, match="target_c and coef_c"):
+        itvm_residual_loss(*tensors, coef, **{given: tensors[4] if given == "target_c" else coef})
 
 
 def test_empty_batch_and_bad_reduction_are_rejected():

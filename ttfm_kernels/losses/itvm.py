@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ttfm_kernels._per_sample import per_sample, reduce_per_sample
+from ttfm_kernels._per_sample import reduce_per_sample
 from ttfm_kernels._precision import model_input
 from ttfm_kernels.flow.time_sampling import TimeSampler
 from ttfm_kernels.jvp import jvp_t
@@ -34,13 +34,15 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
       "jvp" (default): v(phi^-, t) - (t - s) du^-/dt, phi^- = x_s + (t - s) u^-, one JVP of the EMA;
       "euler": (1 - delta) u^-(x_s, s, t') + delta v(phi'^-, t'), t' = t - delta (t - s), no JVP; the term is
         weighted by 1/delta so its gradient matches "jvp" (docs/math.md section 2);
-      "fd": v(phi^-, t) - (u^-(t) - u^-(t')) / delta, two EMA forwards batched, no JVP.
+      "fd": v(phi^-, t) - (u^-(t) - u^-(t')) / delta, two EMA forwards batched, no JVP; the three terms go to
+        the residual op separately, which forms the cancelling difference in float32 (docs/math.md section 2).
     ``terminal_init`` adds lambda_init |u(y, r, r) - v(y, r)|^2 at the terminal point y = phi^- (r = t), or
     phi'^- (r = t') for "euler", reusing the teacher call. Times, noise, weights, sigma and ``reduction`` as in
     every loss (``ttfm_kernels.losses``). The two student calls are one batched forward, the two teacher calls
     one batched no-grad forward; the loss is ``itvm_residual_loss`` (``backend`` selects its kernel).
-    Returns (loss, stats): stats "loss", "init" and "term" (the unweighted mean squared residuals), "gap" (mean
-    t - s) and, with ``terminal_init``, "terminal_init", all detached 0-dim tensors computed without a host sync.
+    Returns (loss, stats): stats "loss", "init" and "term" (the unweighted mean squared residuals, returned by
+    the residual op from its own pass), "gap" (mean t - s) and, with ``terminal_init``, "terminal_init", all
+    detached 0-dim tensors computed without a host sync.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -68,14 +70,15 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
                 end, t_end = flow_map_step(xs, u_ema, s, t, backend=backend), t
         v_s, v_end = teacher(model_input(teacher, torch.cat([xs, end])), torch.cat([s, t_end]),
                              **repeat_cond(b.teacher_cond, n, 2)).chunk(2)
-        # Targets combining model outputs are formed in the accumulator (the "fd" difference cancels).
+        # The "fd" target's terms go to the op separately: it forms their cancelling difference in float32.
+        third_term = {}
         if target == "jvp":
             target_a, target_b, coef = v_end, du_ema, s - t
         elif target == "euler":
             target_a, target_b, coef = delta * v_end.to(acc), u_prime, torch.full_like(t, 1.0 - delta)
         else:
-            target_a, target_b = v_end.to(acc) - u_ema.to(acc) / delta, u_prime
-            coef = torch.full_like(t, 1.0 / delta)
+            target_a, target_b, coef = v_end, u_ema, torch.full_like(t, -1.0 / delta)
+            third_term = {"target_c": u_prime, "coef_c": torch.full_like(t, 1.0 / delta)}
     lambda_t = lambda_term / delta if target == "euler" else lambda_term
     if terminal_init:
         u_st, u_ss, u_end = student(model_input(student, torch.cat([xs, xs, end])), torch.cat([s, s, t_end]),
@@ -83,13 +86,11 @@ def itvm_loss(student: nn.Module, teacher: nn.Module, x1: torch.Tensor, *, ema: 
     else:
         xst = model_input(student, xs)
         u_st, u_ss = student(torch.cat([xst, xst]), torch.cat([s, s]), torch.cat([t, s]), **cond2).chunk(2)
-    loss = itvm_residual_loss(u_st, u_ss, v_s, target_a, target_b, coef, weight=b.weight, lambda_init=lambda_init,
-                              lambda_term=lambda_t, reduction="none" if terminal_init else reduction,
-                              backend=backend)
-    with torch.no_grad():
-        r_term = residual(u_st, target_a.to(acc) + per_sample(coef, u_st).to(acc) * target_b.to(acc))
-        measured = {"init": squared_error(residual(u_ss, v_s), None, "mean"),
-                    "term": squared_error(r_term, None, "mean")}
+    loss, init, term = itvm_residual_loss(u_st, u_ss, v_s, target_a, target_b, coef, **third_term, weight=b.weight,
+                                          lambda_init=lambda_init, lambda_term=lambda_t,
+                                          reduction="none" if terminal_init else reduction, return_terms=True,
+                                          backend=backend)
+    measured = {"init": init, "term": term}
     if terminal_init:
         extra = squared_error(residual(u_end, v_end), b.weight, "none")
         loss = reduce_per_sample(loss + lambda_init * extra, None, reduction)

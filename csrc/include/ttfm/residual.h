@@ -3,11 +3,15 @@
 // GPU runs is the arithmetic the CPU tests check. Plain C++17, no torch: csrc/tests/ tests it under ctest.
 //
 // For one sample b with n = prod(non-batch dims) elements, accumulating in acc_t (float, or double for double):
-//   r_I = u_ss - v_s,  r_T = u_st - (target_a + coef_b * target_b)
+//   r_I = u_ss - v_s,  r_T = u_st - (target_a + (coef_b * target_b + coef_c_b * target_c))
 //   loss_b = (lambda_init * sum(r_I^2) / n + lambda_term * sum(r_T^2) / n) * weight_b
 //   d loss / d u_ss = g_b * weight_b * lambda_init * 2 r_I / n,  d loss / d u_st = g_b * weight_b * lambda_term * 2 r_T / n
-// where g_b is the incoming gradient of loss_b. The sums are split into fixed chunks (a CPU work item or a CUDA
-// block each), every chunk reduced in a fixed order and the chunks combined in index order: deterministic.
+// where g_b is the incoming gradient of loss_b; the term in target_c is optional (absent: zero). Every input is
+// converted to acc_t before it enters the target, so a difference of two large scaled terms (the "fd" target's
+// (u' - u^-) / delta) is formed in acc_t, never in the inputs' dtype (docs/math.md section 2).
+// The statistics are the unweighted per-sample means sum(r_I^2) / n and sum(r_T^2) / n (sample_terms).
+// The sums are split into fixed chunks (a CPU work item or a CUDA block each), every chunk reduced in a fixed
+// order and the chunks combined in index order: deterministic.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +49,14 @@ TTFM_HOST_DEVICE acc_t term_residual(acc_t u_st, acc_t target_a, acc_t target_b,
   return u_st - (target_a + coef * target_b);
 }
 
+// r_T = u_st - (target_a + (coef * target_b + coef_c * target_c)): the three-term target. The two scaled terms
+// are added first, since they are the ones that cancel (the "fd" target: -u^- / delta + u' / delta).
+template <typename acc_t>
+TTFM_HOST_DEVICE acc_t term_residual(acc_t u_st, acc_t target_a, acc_t target_b, acc_t coef, acc_t target_c,
+                                     acc_t coef_c) {
+  return u_st - (target_a + (coef * target_b + coef_c * target_c));
+}
+
 // Adds one element's squared residuals to the running sums.
 template <typename acc_t>
 TTFM_HOST_DEVICE void accumulate(SquareSums<acc_t>& sums, acc_t r_init, acc_t r_term) {
@@ -75,8 +87,15 @@ TTFM_HOST_DEVICE SquareSums<acc_t> tree_reduce(SquareSums<acc_t>* lanes) {
 template <typename acc_t>
 TTFM_HOST_DEVICE acc_t sample_loss(SquareSums<acc_t> sums, int64_t numel, acc_t lambda_init, acc_t lambda_term,
                                    acc_t weight) {
+  const SquareSums<acc_t> means = sample_terms(sums, numel);
+  return (lambda_init * means.init + lambda_term * means.term) * weight;
+}
+
+// The unweighted per-sample means of the squared residuals {sum(r_I^2) / n, sum(r_T^2) / n}: the statistics.
+template <typename acc_t>
+TTFM_HOST_DEVICE SquareSums<acc_t> sample_terms(SquareSums<acc_t> sums, int64_t numel) {
   const acc_t n = static_cast<acc_t>(numel);
-  return (lambda_init * (sums.init / n) + lambda_term * (sums.term / n)) * weight;
+  return SquareSums<acc_t>{sums.init / n, sums.term / n};
 }
 
 // Per-sample factors of the backward pass: d loss_b / d u_ss = init * r_I and d loss_b / d u_st = term * r_T.

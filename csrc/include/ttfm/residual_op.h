@@ -43,29 +43,55 @@ inline void check_per_sample_of(const at::Tensor& u_st, std::initializer_list<co
   for (const at::Tensor* t : per_sample) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == u_st.size(0) && t->scalar_type() == acc &&
                     t->device() == u_st.device() && t->is_contiguous(),
-                "ttfm::itvm_residual_loss: coef, weight, losses and grad_losses must be contiguous (B,) tensors of "
+                "ttfm::itvm_residual_loss: coef, coef_c, weight, losses and grad_losses must be contiguous (B,) tensors of "
                 "dtype ", acc, " on u_st's device");
   }
 }
 
-// The inputs of the residual loss: five (B, ...) tensors alike and contiguous, coef and weight (B,).
-inline void check_residual_inputs(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
-                                  const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
-                                  const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK(u_st.dim() >= 1 && u_st.size(0) >= 1, "ttfm::itvm_residual_loss: u_st must be (B, ...) with B >= 1");
-  TORCH_CHECK(u_st.is_contiguous(), "ttfm::itvm_residual_loss: inputs must be contiguous");
-  check_like_u_st(u_st, {&u_ss, &v_s, &target_a, &target_b});
-  check_per_sample_of(u_st, {&coef});
-  if (weight.has_value()) check_per_sample_of(u_st, {&*weight});
+// The inputs of one residual loss call, by reference (the callers' tensors outlive it). target_c and coef_c are
+// given together or not at all (the two-term target).
+struct ResidualTensors {
+  const at::Tensor& u_st;
+  const at::Tensor& u_ss;
+  const at::Tensor& v_s;
+  const at::Tensor& target_a;
+  const at::Tensor& target_b;
+  const at::Tensor& coef;
+  const std::optional<at::Tensor>& target_c;
+  const std::optional<at::Tensor>& coef_c;
+  const std::optional<at::Tensor>& weight;
+};
+
+// The inputs of the residual loss: the (B, ...) tensors alike and contiguous, the coefficients and weight (B,).
+inline void check_residual_inputs(const ResidualTensors& t) {
+  TORCH_CHECK(t.u_st.dim() >= 1 && t.u_st.size(0) >= 1,
+              "ttfm::itvm_residual_loss: u_st must be (B, ...) with B >= 1");
+  TORCH_CHECK(t.u_st.is_contiguous(), "ttfm::itvm_residual_loss: inputs must be contiguous");
+  check_like_u_st(t.u_st, {&t.u_ss, &t.v_s, &t.target_a, &t.target_b});
+  check_per_sample_of(t.u_st, {&t.coef});
+  TORCH_CHECK(t.target_c.has_value() == t.coef_c.has_value(),
+              "ttfm::itvm_residual_loss: target_c and coef_c must be given together");
+  if (t.target_c.has_value()) {
+    check_like_u_st(t.u_st, {&*t.target_c});
+    check_per_sample_of(t.u_st, {&*t.coef_c});
+  }
+  if (t.weight.has_value()) check_per_sample_of(t.u_st, {&*t.weight});
 }
 
-// The outputs of itvm_residual_loss_fwd: losses (B,); grad_losses (B,), grad_u_st and grad_u_ss (like u_st) given
-// together or not at all.
+// The outputs of itvm_residual_loss_fwd: losses (B,); terms (B, 2) if given; grad_losses (B,), grad_u_st and
+// grad_u_ss (like u_st) given together or not at all.
 inline void check_residual_outputs(const at::Tensor& u_st, const at::Tensor& losses,
+                                   const std::optional<at::Tensor>& terms,
                                    const std::optional<at::Tensor>& grad_losses,
                                    const std::optional<at::Tensor>& grad_u_st,
                                    const std::optional<at::Tensor>& grad_u_ss) {
   check_per_sample_of(u_st, {&losses});
+  if (terms.has_value()) {
+    TORCH_CHECK(terms->dim() == 2 && terms->size(0) == u_st.size(0) && terms->size(1) == 2 &&
+                    terms->scalar_type() == losses.scalar_type() && terms->device() == u_st.device() &&
+                    terms->is_contiguous(),
+                "ttfm::itvm_residual_loss: terms must be a contiguous (B, 2) tensor like losses");
+  }
   const bool grads = grad_losses.has_value();
   TORCH_CHECK(grad_u_st.has_value() == grads && grad_u_ss.has_value() == grads,
               "ttfm::itvm_residual_loss: grad_losses, grad_u_st and grad_u_ss must be given together");

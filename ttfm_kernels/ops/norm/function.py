@@ -135,16 +135,24 @@ class _NormModulateJvpFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         num_groups, eps, activation = ctx.options
         wanted = ctx.needs_input_grad[:8]
+        # On entry to backward, grad mode is on exactly when the caller asked for create_graph=True; a graph of
+        # the gradients is only worth building when something in it requires grad.
+        create_graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*saved, gy, gty))
         with torch.enable_grad():
-            inputs = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip(saved, wanted, strict=True)]
+            if create_graph:
+                # Differentiate the reference formula through the saved inputs themselves: the gradients then
+                # carry their dependence on every input and on (gy, gty), so a double backward is exact.
+                inputs = list(saved)
+            else:
+                inputs = [None if t is None else t.detach().requires_grad_(need)
+                          for t, need in zip(saved, wanted, strict=True)]
             x, tx, scale, shift, tscale, tshift, weight, bias = inputs
             y, ty = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
                                                 weight=weight, bias=bias, eps=eps, activation=activation)
             leaves = [t for t, need in zip(inputs, wanted, strict=True) if need]
             grads = iter(torch.autograd.grad((y, ty), leaves, (gy, gty), allow_unused=True,
-                                             create_graph=torch.is_grad_enabled()) if leaves else ())
-        # Inside backward, grad mode is on exactly when a double backward was asked for (create_graph).
+                                             create_graph=create_graph) if leaves else ())
         return (*(next(grads) if need else None for need in wanted), None, None, None, None)
 
 

@@ -11,7 +11,12 @@ for a unit incoming gradient, which backward returns as they are (it recomputes 
 other gradient, and always on CUDA, where checking the gradient's value would synchronise). It has
 no forward-AD rule and C++ autograd functions do not run under torch.func transforms, so a call carrying
 tangents or made inside torch.func.grad / vmap / jvp runs the reference formula. Non-contiguous inputs are copied
-to contiguous memory first.
+to contiguous memory first. The same pass returns the two statistics (``return_terms``).
+
+Mixed input dtypes (autocast: a bf16 student against fp32 targets) are accepted: the kernels read one dtype, so
+inputs of other dtypes are converted to the promoted dtype first (exact, one extra pass over those inputs only),
+the residuals are combined in float32 (float64 when any input is float64), and autograd returns each gradient in
+its input's own dtype.
 """
 
 from __future__ import annotations
@@ -61,9 +66,11 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return _autodiff_transform(*tensors)
 
 
-def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, weight, lambda_init, lambda_term, reduction):
+def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight, lambda_init,
+                        lambda_term, reduction):
     shape = (u_st.shape[0],) if reduction == "none" else ()
-    return u_st.new_empty(shape, dtype=coef.dtype)
+    return (u_st.new_empty(shape, dtype=coef.dtype), u_st.new_empty((), dtype=coef.dtype),
+            u_st.new_empty((), dtype=coef.dtype))
 
 
 def _register_kernel_fakes() -> None:
@@ -113,47 +120,64 @@ def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Te
     return result
 
 
-def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor, target_a: torch.Tensor,
-                       target_b: torch.Tensor, coef: torch.Tensor, *, weight: torch.Tensor | None = None,
-                       lambda_init: float = 1.0, lambda_term: float = 1.0, reduction: str = "mean",
-                       backend: str = "auto") -> torch.Tensor:
-    """The ITVM loss from its residuals, with target_T = target_a + coef * target_b (docs/math.md section 2).
+def _check_residual_tensor(name: str, t: torch.Tensor, u_st: torch.Tensor) -> None:
+    """Raise unless ``t`` is a floating tensor shaped like u_st on its device (its dtype may differ)."""
+    check_float(name, t)
+    if t.shape != u_st.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(u_st.shape)} like u_st")
+    if t.device != u_st.device:
+        raise ValueError(f"{name} is on {t.device}, expected {u_st.device} like u_st")
 
-    u_st, u_ss, v_s, target_a, target_b: (B, ...) floating, of any mix of dtypes (e.g. a bf16 student's u_st,
-    u_ss beside fp32 targets): all are cast to their promoted dtype at the boundary (an exact upcast), and the
-    kernel reads that; coef, weight: (B,) of any floating dtype, used in the accumulator.
-    l_b = lambda_init * mean(|u_ss - v_s|^2) + lambda_term * mean(|u_st - target_T|^2) over non-batch dims,
-    weighted by ``weight``, reduced by ``reduction`` ("mean" -> scalar, "sum" -> scalar, "none" -> (B,)).
-    Accumulates in float32 (float64 for float64 inputs); the loss is float32 (float64). Gradients flow to u_st and
-    u_ss only, in their own dtypes: v_s and the targets are stop-gradient by definition, so one that requires
-    grad is an error.
+
+def itvm_residual_loss(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor, target_a: torch.Tensor,
+                       target_b: torch.Tensor, coef: torch.Tensor, *, target_c: torch.Tensor | None = None,
+                       coef_c: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                       lambda_init: float = 1.0, lambda_term: float = 1.0, reduction: str = "mean",
+                       return_terms: bool = False, backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The ITVM loss from its residuals, with target_T = target_a + coef * target_b + coef_c * target_c
+    (docs/math.md section 2; the last term only when ``target_c`` is given).
+
+    u_st, u_ss, v_s, target_a, target_b, target_c: (B, ...) floating, of any dtypes (each read in its own, all
+    combined in float32, or float64 when any input is float64, so a cancelling pair such as the "fd" target's
+    -u / delta + u' / delta is never rounded to the inputs' dtype); coef, coef_c, weight: (B,), used in that
+    accumulation dtype. l_b = lambda_init * mean(|u_ss - v_s|^2) + lambda_term * mean(|u_st - target_T|^2) over
+    non-batch dims, weighted by ``weight``, reduced by ``reduction`` ("mean" -> scalar, "sum" -> scalar,
+    "none" -> (B,)), in the accumulation dtype. With ``return_terms`` returns (loss, init_mean, term_mean): the
+    unweighted means of |u_ss - v_s|^2 and |u_st - target_T|^2 over the whole batch, 0-dim, detached, from the
+    same pass. Gradients flow to u_st and u_ss only, each in its own dtype: v_s, the targets and the
+    coefficients are stop-gradient by definition, so one that requires grad is an error.
+    Eager equivalent: ``itvm_residual_loss_reference`` (ops/residual/reference.py).
     """
     check_float("u_st", u_st)
     if u_st.dim() == 0 or u_st.shape[0] == 0:
         raise ValueError(f"u_st must have shape (B, ...) with B >= 1, got {tuple(u_st.shape)}")
-    named = (("u_ss", u_ss), ("v_s", v_s), ("target_a", target_a), ("target_b", target_b))
-    for name, tensor in named:
-        check_float(name, tensor)
-    common = functools.reduce(torch.promote_types, (t.dtype for _, t in named), u_st.dtype)
-    u_st, u_ss, v_s, target_a, target_b = (t.to(common) for t in (u_st, u_ss, v_s, target_a, target_b))
-    for name, tensor in zip(("u_ss", "v_s", "target_a", "target_b"), (u_ss, v_s, target_a, target_b), strict=True):
-        check_like(name, tensor, "u_st", u_st)
-    check_per_sample("coef", coef, u_st.shape[0], "u_st", u_st)
-    if weight is not None:
-        check_per_sample("weight", weight, u_st.shape[0], "u_st", u_st)
+    if (target_c is None) != (coef_c is None):
+        raise ValueError("target_c and coef_c must be given together (the term coef_c * target_c of target_T)")
+    tensors = {"u_st": u_st, "u_ss": u_ss, "v_s": v_s, "target_a": target_a, "target_b": target_b}
+    if target_c is not None:
+        tensors["target_c"] = target_c
+    for name, tensor in tensors.items():
+        _check_residual_tensor(name, tensor, u_st)
+    per_sample_args = {"coef": coef, "coef_c": coef_c, "weight": weight}
+    for name, tensor in per_sample_args.items():
+        if tensor is not None:
+            check_per_sample(name, tensor, u_st.shape[0], "u_st", u_st)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    for name, tensor in (("v_s", v_s), ("target_a", target_a), ("target_b", target_b), ("coef", coef),
-                         ("weight", weight)):
+    for name, tensor in (*list(tensors.items())[2:], *per_sample_args.items()):
         if tensor is not None and tensor.requires_grad:
             raise ValueError(f"{name} requires grad, but it is a stop-gradient target: pass {name}.detach() "
                              "(gradients flow only to u_st and u_ss)")
-    name = _RESIDUAL.select(backend, u_st.device, u_st.dtype)
-    if name == "reference" or _autodiff_transform(u_st, u_ss, v_s, target_a, target_b, coef, weight):
-        return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, weight=weight,
-                                            lambda_init=lambda_init, lambda_term=lambda_term, reduction=reduction)
-    acc = torch.promote_types(u_st.dtype, torch.float32)
-    return torch.ops.ttfm.itvm_residual_loss(
-        u_st.contiguous(), u_ss.contiguous(), v_s.contiguous(), target_a.contiguous(), target_b.contiguous(),
-        coef.to(acc).contiguous(), None if weight is None else weight.to(acc).contiguous(), float(lambda_init),
-        float(lambda_term), reduction)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors.values()))
+    name = _RESIDUAL.select(backend, u_st.device, dtype)
+    if name == "reference" or _autodiff_transform(*tensors.values(), coef, coef_c, weight):
+        return itvm_residual_loss_reference(u_st, u_ss, v_s, target_a, target_b, coef, target_c=target_c,
+                                            coef_c=coef_c, weight=weight, lambda_init=lambda_init,
+                                            lambda_term=lambda_term, reduction=reduction, return_terms=return_terms)
+    acc = torch.promote_types(dtype, torch.float32)
+    u_st, u_ss, v_s, target_a, target_b, *rest = (t.to(dtype).contiguous() for t in tensors.values())
+    loss, init_mean, term_mean = torch.ops.ttfm.itvm_residual_loss(
+        u_st, u_ss, v_s, target_a, target_b, coef.to(acc).contiguous(), rest[0] if rest else None,
+        None if coef_c is None else coef_c.to(acc).contiguous(),
+        None if weight is None else weight.to(acc).contiguous(), float(lambda_init), float(lambda_term), reduction)
+    return (loss, init_mean, term_mean) if return_terms else loss

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ttfm_kernels._per_sample import per_sample, reduce_per_sample
@@ -21,19 +23,30 @@ def flow_map_step_reference(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t
 
 def itvm_residual_loss_reference(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor,
                                  target_a: torch.Tensor, target_b: torch.Tensor, coef: torch.Tensor, *,
+                                 target_c: torch.Tensor | None = None, coef_c: torch.Tensor | None = None,
                                  weight: torch.Tensor | None = None, lambda_init: float = 1.0,
-                                 lambda_term: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+                                 lambda_term: float = 1.0, reduction: str = "mean",
+                                 return_terms: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """The ITVM loss from its residuals (docs/math.md section 2), accumulated in at least float32.
 
-    r_I = u_ss - v_s, r_T = u_st - (target_a + coef * target_b), l_b = lambda_init * mean(r_I^2) +
-    lambda_term * mean(r_T^2) over the non-batch dims; then weights and ``reduction`` ("mean", "sum", "none").
-    Tensors (B, ...) of one dtype; coef and weight (B,). Differentiable in every input.
+    r_I = u_ss - v_s, r_T = u_st - (target_a + (coef * target_b + coef_c * target_c)) (the last term only with
+    target_c), every input converted to the accumulation dtype first (float32, or float64 when any input is);
+    l_b = lambda_init * mean(r_I^2) + lambda_term * mean(r_T^2) over the non-batch dims; then weights and
+    ``reduction`` ("mean", "sum", "none"). Tensors (B, ...) of any floating dtypes; coef, coef_c and weight (B,).
+    With ``return_terms`` returns (loss, mean(r_I^2), mean(r_T^2)), the two means unweighted over the whole batch,
+    0-dim and detached. Differentiable in every input.
     """
-    acc = torch.promote_types(u_st.dtype, torch.float32)
+    tensors = [u_st, u_ss, v_s, target_a, target_b] + ([] if target_c is None else [target_c])
+    acc = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
     r_i = u_ss.to(acc) - v_s.to(acc)
-    target = target_a.to(acc) + per_sample(coef.to(acc), u_st) * target_b.to(acc)
-    r_t = u_st.to(acc) - target
+    scaled = per_sample(coef.to(acc), u_st) * target_b.to(acc)
+    if target_c is not None:
+        scaled = scaled + per_sample(coef_c.to(acc), u_st) * target_c.to(acc)
+    r_t = u_st.to(acc) - (target_a.to(acc) + scaled)
     batch = u_st.shape[0]
-    l_b = (lambda_init * r_i.reshape(batch, -1).square().mean(dim=1)
-           + lambda_term * r_t.reshape(batch, -1).square().mean(dim=1))
-    return reduce_per_sample(l_b, weight, reduction)
+    init_b = r_i.reshape(batch, -1).square().mean(dim=1)
+    term_b = r_t.reshape(batch, -1).square().mean(dim=1)
+    loss = reduce_per_sample(lambda_init * init_b + lambda_term * term_b, weight, reduction)
+    if return_terms:
+        return loss, init_b.detach().mean(), term_b.detach().mean()
+    return loss
