@@ -399,3 +399,41 @@ def test_torch_compile_with_the_mode_open_gives_its_tangents():
         got = compiled(x, tx)
     assert mode.stats.routed == {"linear": 2, "layer_norm": 2}
     assert_close_to_ref(got[1], ref[1], name="compiled tangent")
+
+
+class _SmallBlock(torch.nn.Module):
+    """LayerNorm -> Linear -> SDPA -> Linear in plain torch: every op the mode routes in a transformer block."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm, self.qkv = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_torch_compile_fullgraph_of_a_jvp_under_the_mode_breaks_and_without_it_is_exact():
+    """The documented behaviour (docs/support.md): fullgraph=True stops on the mode's vmap check (functorch's
+    interpreter stack, a skipped builtin); fullgraph=False compiles around it and equals eager, tangent non-zero."""
+    torch.manual_seed(0)
+    block = _SmallBlock()
+    x, tx = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+
+    def f(x, tx):
+        with fused_jvp():
+            return torch.func.jvp(block, (x,), (tx,))
+
+    with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no forward-AD rule
+        ref = torch.func.jvp(block, (x,), (tx,))
+    torch.compiler.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="get_interpreter_stack"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x, tx)
+    torch.compiler.reset()
+    got = torch.compile(f, backend="aot_eager")(x, tx)
+    assert_close_to_ref(got[0], ref[0], name="compiled value")
+    assert_close_to_ref(got[1], ref[1], name="compiled tangent")
+    assert_nontrivial(got[1], "compiled tangent")

@@ -97,6 +97,25 @@ def test_from_teacher_starts_at_the_teacher(pair):
         teacher_cls.from_teacher(teacher)
 
 
+@pytest.mark.parametrize("pair", PAIRS)
+def test_gap_scale_is_the_students_and_keeps_from_teacher_exact(pair):
+    """s keeps the teacher's time_scale, t - s gets gap_scale (default 1.0, in config); teachers take none."""
+    teacher_cls, student_cls = pair
+    teacher = _model(teacher_cls)
+    x, s, t, y = _inputs(teacher)
+    for gap_scale in (1.0, 1000.0):
+        student = student_cls.from_teacher(teacher, gap_scale=gap_scale)
+        embed = student.cond.time_embed
+        assert (embed.s_embed.scale, embed.d_embed.scale) == (teacher.config["time_scale"], gap_scale)
+        assert student.config["gap_scale"] == gap_scale and type(student)(**student.config).config == student.config
+        with torch.no_grad():
+            assert torch.equal(student(x, s, t, y=y), teacher(x, s, y=y))
+    assert student_cls.from_preset("tiny").config["gap_scale"] == 1.0
+    assert "gap_scale" not in teacher.config
+    with pytest.raises(ValueError, match="gap_scale is a two-time student's argument"):
+        teacher_cls.from_preset("tiny", gap_scale=1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("pair", PAIRS)
 def test_jvp_matches_eager_twin(pair, dtype):

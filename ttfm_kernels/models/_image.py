@@ -27,17 +27,21 @@ __all__ = ["Conditioning", "ImageFlowModel", "StudentModel", "TeacherModel"]
 class Conditioning(nn.Module):
     """c = time_embed(t) or time_embed(s, t), plus label_embed(y) when ``num_classes > 0``: -> (B, dim).
 
+    ``gap_scale`` None: a teacher's ``TimeEmbedding``; otherwise a student's ``TwoTimeEmbedding`` with s
+    scaled by ``time_scale`` and t - s by ``gap_scale``.
+
     Labels y are (B,) integers in [0, num_classes]; ``num_classes`` itself is the null class (unconditional,
     for classifier-free guidance), and y=None means the null class for every sample: a guided teacher is
     ``GuidedTeacher(teacher, w, {"y": None})``.
     """
 
-    def __init__(self, dim: int, *, two_time: bool, num_classes: int, freq_dim: int, time_scale: float) -> None:
+    def __init__(self, dim: int, *, num_classes: int, freq_dim: int, time_scale: float,
+                 gap_scale: float | None) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        embed = TwoTimeEmbedding if two_time else TimeEmbedding
-        self.time_embed = embed(dim, freq_dim, scale=time_scale)
+        self.time_embed = (TimeEmbedding(dim, freq_dim, scale=time_scale) if gap_scale is None
+                           else TwoTimeEmbedding(dim, freq_dim, scale=time_scale, gap_scale=gap_scale))
         self.num_classes = num_classes
         self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
         if self.label_embed is not None:
@@ -77,13 +81,18 @@ class ImageFlowModel(nn.Module):
     teacher_class: ClassVar[type[ImageFlowModel] | None] = None
     config: dict[str, Any]
 
-    def _setup(self, config: dict[str, Any], body: nn.Module, cond_dim: int) -> None:
+    def _setup(self, config: dict[str, Any], body: nn.Module, cond_dim: int, gap_scale: float | None) -> None:
+        """``gap_scale``: a student's scale of t - s (default 1.0, stored in ``config``); a teacher takes none."""
+        if self.two_time:
+            config = {**config, "gap_scale": 1.0 if gap_scale is None else float(gap_scale)}
+        elif gap_scale is not None:
+            raise ValueError(f"gap_scale is a two-time student's argument; {type(self).__name__} embeds t alone")
         self.config = config
         self.image_size, self.in_channels = config["image_size"], config["in_channels"]
         self.sigma = float(config["sigma"])
         self.num_classes = config["num_classes"]
-        self.cond = Conditioning(cond_dim, two_time=self.two_time, num_classes=self.num_classes,
-                                 freq_dim=config["freq_dim"], time_scale=config["time_scale"])
+        self.cond = Conditioning(cond_dim, num_classes=self.num_classes, freq_dim=config["freq_dim"],
+                                 time_scale=config["time_scale"], gap_scale=config.get("gap_scale"))
         self.body = body
 
     @property
@@ -110,14 +119,18 @@ class ImageFlowModel(nn.Module):
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
-    def from_teacher(cls, teacher: ImageFlowModel):
-        """A student with the teacher's arguments, weights, dtype and device such that u(x, s, t) == v(x, s)."""
+    def from_teacher(cls, teacher: ImageFlowModel, *, gap_scale: float = 1.0):
+        """A student with the teacher's arguments, weights, dtype and device such that u(x, s, t) == v(x, s).
+
+        ``gap_scale`` multiplies t - s in the student's gap embedding (its branch starts at zero, so any value
+        keeps u == v at the start).
+        """
         if cls.teacher_class is None:
             raise TypeError(f"{cls.__name__} is a teacher; call from_teacher on its two-time student")
         if not isinstance(teacher, cls.teacher_class):
             raise TypeError(f"teacher must be a models.{cls.teacher_class.__name__}, got {type(teacher).__name__}")
         ref = next(teacher.parameters())
-        student = cls(**teacher.config).to(device=ref.device, dtype=ref.dtype)
+        student = cls(**teacher.config, gap_scale=gap_scale).to(device=ref.device, dtype=ref.dtype)
         time_keys = "cond.time_embed."
         state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(time_keys)}
         missing, unexpected = student.load_state_dict(state, strict=False)

@@ -158,13 +158,14 @@ class _DiTBase(ImageFlowModel):
 
     def __init__(self, image_size: int, in_channels: int, patch_size: int = 2, hidden_size: int = 192,
                  depth: int = 6, num_heads: int = 3, mlp_ratio: float = 4.0, num_classes: int = 0, *,
-                 freq_dim: int = 128, time_scale: float = 1000.0, sigma: float = 1.0) -> None:
+                 freq_dim: int = 128, time_scale: float = 1000.0, sigma: float = 1.0,
+                 gap_scale: float | None = None) -> None:
         super().__init__()
         config = {"image_size": image_size, "in_channels": in_channels, "patch_size": patch_size,
                   "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
                   "num_classes": num_classes, "freq_dim": freq_dim, "time_scale": time_scale, "sigma": sigma}
         body = _DiTBody(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio)
-        self._setup(config, body, hidden_size)
+        self._setup(config, body, hidden_size, gap_scale)
 
 
 class DiT(TeacherModel, _DiTBase):
@@ -181,7 +182,9 @@ class DiT(TeacherModel, _DiTBase):
 class TwoTimeDiT(StudentModel, _DiTBase):
     """Two-time DiT student u(x, s, t, y=None) (X_{s,t}(x) = x + (t - s) u), same arguments as ``DiT``.
 
-    The conditioning embeds s and t - s; ``TwoTimeDiT.from_teacher(dit)`` starts from u(x, s, t) == v(x, s).
+    The conditioning embeds s (scaled by ``time_scale``) and t - s (scaled by ``gap_scale``, default 1.0, kept in
+    ``config``: with the teacher's 1000 the ITVM "jvp" and EMD targets diverge, docs/math.md section 1);
+    ``TwoTimeDiT.from_teacher(dit, gap_scale=1.0)`` starts from u(x, s, t) == v(x, s).
     """
 
     teacher_class = DiT

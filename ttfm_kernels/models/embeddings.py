@@ -92,15 +92,22 @@ class TimeEmbedding(nn.Module):
 class TwoTimeEmbedding(nn.Module):
     """Two-time conditioning: ``s_embed(s) + d_embed(t - s)``, each a ``TimeEmbedding``: (B,), (B,) -> (B, out_dim).
 
+    ``scale`` multiplies s (the teacher's ``time_scale``), ``gap_scale`` (None: ``scale``) multiplies t - s.
+    The image students give the gap its own, small, scale (1.0) because ITVM's "jvp" target and EMD hold
+    (t - s) du/dt of a stop-gradient copy: with frequencies up to ``gap_scale``, du/dt is up to ``gap_scale``
+    times larger (docs/math.md sections 1 and 10).
+
     ``load_from_time_embedding(emb)`` copies a teacher's ``TimeEmbedding`` into ``s_embed`` and zeroes
     ``d_embed``'s output layer, so the result equals ``emb(s)`` for every t while its gradients (and the
     gradients of the t-tangent) with respect to ``d_embed`` stay non-zero.
     """
 
-    def __init__(self, out_dim: int, freq_dim: int = 64, *, scale: float = 1000.0, max_period: float = 10000.0):
+    def __init__(self, out_dim: int, freq_dim: int = 64, *, scale: float = 1000.0, gap_scale: float | None = None,
+                 max_period: float = 10000.0):
         super().__init__()
         self.s_embed = TimeEmbedding(out_dim, freq_dim, scale=scale, max_period=max_period)
-        self.d_embed = TimeEmbedding(out_dim, freq_dim, scale=scale, max_period=max_period)
+        self.d_embed = TimeEmbedding(out_dim, freq_dim, scale=scale if gap_scale is None else gap_scale,
+                                     max_period=max_period)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.forward_jvp(s, t)[0]

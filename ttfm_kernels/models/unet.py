@@ -158,7 +158,7 @@ class _UNetBase(ImageFlowModel):
     def __init__(self, image_size: int, in_channels: int, channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 2, num_heads: int = 4,
                  groups: int = 32, num_classes: int = 0, *, freq_dim: int = 64, time_scale: float = 1000.0,
-                 sigma: float = 1.0) -> None:
+                 sigma: float = 1.0, gap_scale: float | None = None) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
         config = {"image_size": image_size, "in_channels": in_channels, "channels": channels,
@@ -168,7 +168,7 @@ class _UNetBase(ImageFlowModel):
         cond_dim = 4 * channels
         body = _UNetBody(image_size, in_channels, channels, channel_mult, num_res_blocks, num_heads, groups,
                          cond_dim)
-        self._setup(config, body, cond_dim)
+        self._setup(config, body, cond_dim, gap_scale)
 
 
 class UNet(TeacherModel, _UNetBase):
@@ -185,7 +185,9 @@ class UNet(TeacherModel, _UNetBase):
 class TwoTimeUNet(StudentModel, _UNetBase):
     """Two-time UNet student u(x, s, t, y=None) (X_{s,t}(x) = x + (t - s) u), same arguments as ``UNet``.
 
-    The conditioning embeds s and t - s; ``TwoTimeUNet.from_teacher(unet)`` starts from u(x, s, t) == v(x, s).
+    The conditioning embeds s (scaled by ``time_scale``) and t - s (scaled by ``gap_scale``, default 1.0, kept in
+    ``config``: with the teacher's 1000 the ITVM "jvp" and EMD targets diverge, docs/math.md section 1);
+    ``TwoTimeUNet.from_teacher(unet, gap_scale=1.0)`` starts from u(x, s, t) == v(x, s).
     """
 
     teacher_class = UNet
