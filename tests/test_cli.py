@@ -1,4 +1,4 @@
-"""The `ttfm` command line: the quick demo end to end, kill-and-resume, and clear errors on bad input."""
+"""The `ttfm` command line: the quick demo and an image run end to end, kill-and-resume, clear errors on bad input."""
 
 import json
 import math
@@ -42,7 +42,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
         assert res["sec_per_step"][loss] > 0
         for k in ("1", "2", "4", "8"):
             row = res[loss][k]
-            assert set(row) == {"teacher_rmse", "sw2", "kl"} and all(math.isfinite(v) for v in row.values())
+            assert set(row) == {"teacher_rmse", "sw2", "kl", "kl16"} and all(math.isfinite(v) for v in row.values())
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
     # running again into the same directory refuses, and leaves the results alone
     before = (out / "results.json").read_bytes()
@@ -116,6 +116,11 @@ def test_distill_sample_eval_roundtrip(tmp_path, teacher_dir, capsys):
     (["distill", "--teacher", "{corrupt}"], "corrupt or not a ttfm checkpoint"),
     (["eval", "--ckpt", "{teacher}"], "not a student checkpoint"),
     (["train-teacher", "--out", "{teacher}"], "already holds checkpoints"),
+    (["train-teacher", "--model", "vit"], "unknown model 'vit'; choose one of mlp, dit, unet"),
+    (["train-teacher", "--model", "mlp", "--data", "digits"], "holds images (1, 8, 8); use --model dit or unet"),
+    (["train-teacher", "--model", "unet", "--data", "moons"], "holds 2-D points; use --model mlp"),
+    (["train-teacher", "--model", "unet", "--data", "digits", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train-teacher", "--data", "digts"], "digits, digits16"),
 ])
 def test_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path, teacher_dir, capsys, args, message):
     np.save(tmp_path / "bad.npy", np.zeros((5, 2, 2)))
@@ -131,3 +136,29 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path, teacher_dir
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
     assert {p.name: p.read_bytes() for p in teacher_dir.iterdir()} == before
+
+
+def test_image_run_end_to_end(tmp_path, capsys):
+    """UNet teacher on digits, a few dozen ITVM steps, a PNG grid, and eval's image metrics with their floors."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    common = ["--no-progress", "--threads", "1"]
+    assert main(["train-teacher", "--model", "unet", "--data", "digits", "--preset", "tiny", "--steps", "150",
+                 "--batch-size", "64", "--lr", "3e-3", "--warmup", "10", "--out", str(teacher), *common]) == 0
+    assert main(["distill", "--teacher", str(teacher), "--loss", "itvm", "--steps", "30", "--batch-size", "32",
+                 "--warmup", "3", "--out", str(student), *common]) == 0
+    assert load_checkpoint(student)["config"]["model"]["class"] == "TwoTimeUNet"
+    assert main(["sample", "--ckpt", str(student), "--steps", "2", "-n", "16", "--out", str(tmp_path / "x.npy"),
+                 "--png", str(tmp_path / "grid.png"), "--threads", "1"]) == 0
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (16, 1, 8, 8) and np.isfinite(x).all()
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--ckpt", str(student), "--steps", "1,2", "-n", "200", "--teacher-steps", "100",
+                 "--out", str(tmp_path / "m.json"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "Frechet" in out and "mode coverage" in out
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["classifier_accuracy"] > 0.93 and (student / "classifier.pt").is_file()
+    assert set(res["itvm"]["1"]) == {"teacher_rmse", "sw2", "frechet", "coverage_kl"}
+    # the teacher's fine Heun solve lies closer to the data than its 1-step Euler solve (a blurred mean image)
+    assert res["floor"]["frechet"] < res["teacher_heun"]["frechet"] < res["teacher_euler"]["1"]["frechet"]
+    assert 0 <= res["floor"]["coverage_kl"] < 0.01

@@ -6,6 +6,10 @@
     ttfm sample --ckpt runs/itvm --steps 4 --out samples.npy
     ttfm eval --ckpt runs/itvm
 
+Images: ``ttfm train-teacher --model unet --data digits`` (or dit; ``--data`` may also be a .npy/.npz of
+(N, C, H, W) images or a folder of PNGs), then distill / sample (``--png`` writes an image grid) / eval (Frechet
+distance and mode coverage in a digits classifier's features) as for points.
+
 Every command that writes prints where. Errors a user can fix (bad names, missing or corrupt files, a
 diverged run) print one clear line and exit with status 2 (usage) or 1 (the run failed).
 """
@@ -24,16 +28,32 @@ import torch
 
 from ttfm_kernels.flow import ode_solve, sample
 from ttfm_kernels.train.checkpoint import CheckpointError
-from ttfm_kernels.train.data import TOY_DATASETS, load_data
-from ttfm_kernels.train.runs import LOSSES, TARGETS, distill, evaluate, load_model, train_teacher
+from ttfm_kernels.train.data import IMAGE_DATASETS, TOY_DATASETS, load_data
+from ttfm_kernels.train.runs import (
+    KL_PROTOCOL,
+    LOSSES,
+    MODELS,
+    TARGETS,
+    distill,
+    evaluate,
+    load_model,
+    sample_shape,
+    train_teacher,
+)
 from ttfm_kernels.train.trainer import TrainConfig, TrainingDiverged
 
 __all__ = ["main"]
 
-_DATA_HELP = f"data set: one of {', '.join(TOY_DATASETS)}, or a path to a .npy/.npz array of shape (N, D)"
+_DATA_HELP = (f"data set: points {', '.join(TOY_DATASETS)}; images {', '.join(IMAGE_DATASETS)} (scikit-learn's "
+              "8x8 digits, digits16 upsampled to 16x16); or a path to a .npy/.npz array of shape (N, D) or "
+              "(N, C, H, W), or to a folder of .png images")
 _METRICS = (("teacher_rmse", "teacher-match RMSE vs teacher Heun solve, same noise (distillation fidelity)"),
             ("sw2", "sliced W2 to held-out data"),
-            ("kl", "2D histogram KL(data || samples)"))
+            ("kl", "2D histogram KL(data || samples), 64x64 bins, the eval's samples"),
+            ("kl16", f"2D histogram KL(data || samples), {KL_PROTOCOL['bins']}x{KL_PROTOCOL['bins']} bins, "
+                     f"{KL_PROTOCOL['n']} samples"),
+            ("frechet", "Frechet distance in digits-classifier features, to held-out data"),
+            ("coverage_kl", "mode coverage: KL(predicted-class histogram || uniform)"))
 
 
 def _steps_list(text: str) -> tuple[int, ...]:
@@ -96,11 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
-    p = sub.add_parser("train-teacher", help="train a flow-matching teacher v(x, t) (models.MLP)",
-                       description="Train a flow-matching teacher models.MLP on a data set.")
+    p = sub.add_parser("train-teacher", help="train a flow-matching teacher v(x, t) (models.MLP, DiT or UNet)",
+                       description="Train a flow-matching teacher on a data set: models.MLP on points, models.DiT "
+                       "or models.UNet on square images.")
     p.add_argument("--data", default="checkerboard", help=_DATA_HELP + " (default %(default)s)")
-    p.add_argument("--preset", default="small", help="model size: tiny, small or base (default %(default)s)")
+    p.add_argument("--model", default="mlp", help=f"architecture: {', '.join(MODELS)} (mlp for points, dit or "
+                   "unet for images; default %(default)s)")
+    p.add_argument("--preset", default="small", help="model size: tiny or small (mlp also base; default "
+                   "%(default)s). On 2 CPU cores: unet/dit tiny on digits trains at tens of ms per step of 128")
     p.add_argument("--sigma", type=float, default=1.0, help="noise scale of x0 ~ N(0, sigma^2 I) (default 1)")
+    p.add_argument("--time-scale", type=float, default=None, help="multiplier of t in the time embedding "
+                   "(default: the model's, 1 for mlp and 1000 for dit/unet); the student inherits it")
     _add_train_args(p, steps=5000, lr=1e-3, out="runs/teacher")
 
     p = sub.add_parser("distill", help="distill a teacher into a two-time flow map u(x, s, t)",
@@ -119,21 +145,25 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a student (N flow-map steps) or a teacher (N Heun steps)")
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (default %(default)s)")
-    p.add_argument("-n", "--num", type=int, default=10000, help="number of samples (default %(default)s)")
+    p.add_argument("-n", "--num", type=int, default=None, help="number of samples (default 10000 points or 64 "
+                   "images)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", default="samples.npy", help="output .npy file (default %(default)s)")
-    p.add_argument("--png", default=None, help="also write a scatter plot (2D only) to this .png")
+    p.add_argument("--png", default=None, help="also write a .png: a scatter plot (2D points) or an image grid")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
     p = sub.add_parser("eval", help="metrics of a student at several step counts against its teacher and the data")
     p.add_argument("--ckpt", required=True, help="student checkpoint file or run directory")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the one the student names)")
     p.add_argument("--data", default=None, help=_DATA_HELP + " (default: the student's)")
     p.add_argument("--steps", type=_steps_list, default=(1, 2, 4, 8), help="step counts (default 1,2,4,8)")
-    p.add_argument("-n", "--num", type=int, default=4096, help="samples per evaluation (default %(default)s)")
+    p.add_argument("-n", "--num", type=int, default=None, help="samples per evaluation (default 4096 points or "
+                   "1000 images)")
     p.add_argument("--teacher-steps", type=int, default=100, help="Heun steps of the teacher reference "
                    "(default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the metrics to this .json file")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser
 
 
@@ -145,9 +175,9 @@ def _print_summary(what: str, summary: dict[str, Any], out: str) -> None:
 
 def _cmd_train_teacher(a: argparse.Namespace) -> None:
     data = load_data(a.data)
-    summary = train_teacher(data, a.data, a.out, _train_config(a), preset=a.preset, sigma=a.sigma,
-                            time_sampling=a.time_sampling, device=a.device, progress=not a.no_progress,
-                            resume=a.resume)
+    summary = train_teacher(data, a.data, a.out, _train_config(a), model=a.model, preset=a.preset, sigma=a.sigma,
+                            time_scale=a.time_scale, time_sampling=a.time_sampling, device=a.device,
+                            progress=not a.no_progress, resume=a.resume)
     _print_summary("teacher", summary, a.out)
 
 
@@ -164,7 +194,7 @@ def _cmd_distill(a: argparse.Namespace) -> None:
 
 def _draw(model: torch.nn.Module, config: dict[str, Any], n: int, steps: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x0 = float(getattr(model, "sigma", 1.0)) * torch.randn(n, model.dim, generator=g)
+    x0 = float(getattr(model, "sigma", 1.0)) * torch.randn(n, *sample_shape(model), generator=g)
     with torch.no_grad():
         if config.get("kind") == "teacher":
             return ode_solve(model, x0, steps=steps, method="heun")
@@ -173,13 +203,18 @@ def _draw(model: torch.nn.Module, config: dict[str, Any], n: int, steps: int, se
 
 def _cmd_sample(a: argparse.Namespace) -> None:
     model, config = load_model(a.ckpt)
-    x = _draw(model, config, a.num, a.steps, a.seed)
+    images = len(sample_shape(model)) == 3
+    num = a.num or (64 if images else 10000)
+    x = _draw(model, config, num, a.steps, a.seed)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x.numpy())
-    print(f"wrote {a.num} samples ({a.steps} steps) to {out}")
+    print(f"wrote {num} samples ({a.steps} steps) to {out}")
     if a.png:
-        _scatter_png(a.png, [[(f"{config.get('loss', 'teacher')} N={a.steps}", x)]])
+        if images:
+            _image_grid_png(a.png, x)
+        else:
+            _scatter_png(a.png, [[(f"{config.get('loss', 'teacher')} N={a.steps}", x)]])
         print(f"wrote {a.png}")
 
 
@@ -190,8 +225,10 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     teacher, _ = load_model(a.teacher or config["teacher"])
     data = load_data(a.data or config["data"])
     name = config.get("loss", "student")
-    res, _ = evaluate({name: student}, teacher, data, steps=a.steps, n=a.num, teacher_steps=a.teacher_steps,
-                      seed=a.seed)
+    ckpt = Path(a.ckpt)
+    cache = (ckpt if ckpt.is_dir() else ckpt.parent) / "classifier.pt"
+    res, _ = evaluate({name: student}, teacher, data, steps=a.steps, n=a.num or (1000 if data.is_image else 4096),
+                      teacher_steps=a.teacher_steps, seed=a.seed, classifier_cache=cache)
     print(format_table(res, [name]))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
@@ -203,6 +240,9 @@ def format_table(res: dict[str, Any], methods: list[str]) -> str:
     steps = [str(k) for k in res["steps"]]
     rows = ["teacher_euler", *methods]
     lines = []
+    if "classifier_accuracy" in res:
+        lines += [f"digits classifier (the Frechet / coverage features): held-out accuracy "
+                  f"{res['classifier_accuracy']:.4f}", ""]
     for key, title in _METRICS:
         if key not in res[rows[-1]][steps[0]]:
             continue
@@ -216,6 +256,31 @@ def format_table(res: dict[str, Any], methods: list[str]) -> str:
                          f"   (data vs data floor: {res['floor'][key]:.4f})")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _image_grid_png(path: str | Path, x: torch.Tensor, *, max_images: int = 64, min_pixels: int = 32) -> None:
+    """A square-ish grid of the first ``max_images`` images of x (N, C, H, W) in [-1, 1], 1-pixel white gaps,
+    each image enlarged (nearest) to at least ``min_pixels`` pixels; grey for C = 1, RGB for C = 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x[:max_images].detach().cpu().float().clamp(-1, 1).add(1).div(2)
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"an image grid needs 1 or 3 channels, got {c}")
+    zoom = max(1, -(-min_pixels // h))
+    x = x.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    hz, wz = h * zoom, w * zoom
+    grid = torch.ones(c, rows * (hz + 1) + 1, cols * (wz + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, 1 + r * (hz + 1):1 + r * (hz + 1) + hz, 1 + q * (wz + 1):1 + q * (wz + 1) + wz] = x[i]
+    img = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    plt.imsave(path, img, cmap="gray" if c == 1 else None, vmin=0.0, vmax=1.0)
 
 
 def _scatter_png(path: str | Path, grid: list[list[tuple[str, torch.Tensor] | None]], *,

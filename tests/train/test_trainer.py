@@ -1,6 +1,10 @@
-"""Trainer and checkpoints: complete atomic files, exact resume, NaN stop, clear errors, nothing overwritten."""
+"""Trainer and checkpoints: complete atomic files, exact resume, NaN stop, clear errors, nothing overwritten,
+plain progress lines off a terminal."""
 
+import io
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from ttfm_kernels.train.checkpoint import (
     save_checkpoint,
 )
 from ttfm_kernels.train.data import load_data
-from ttfm_kernels.train.trainer import TrainConfig, Trainer, TrainingDiverged
+from ttfm_kernels.train.trainer import PlainProgress, TrainConfig, Trainer, TrainingDiverged
 
 CFG = {"steps": 12, "batch_size": 32, "lr": 3e-3, "warmup": 3, "ckpt_every": 4, "log_every": 2, "ema_decay": 0.9}
 
@@ -119,3 +123,29 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match=r"incomplete: missing \['ema'"):
         load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_plain_progress_lines_every_few_percent_and_no_carriage_returns(tmp_path, monkeypatch):
+    stream = io.StringIO()
+    bar = PlainProgress(40, desc="teacher", stream=stream, every_percent=25, every_s=1e9)
+    for k in range(40):
+        bar.update(1)
+        bar.set_postfix(loss=f"{1 / (k + 1):.3g}")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 4
+    assert [ln.split(" ")[1] for ln in lines] == ["10/40", "20/40", "30/40", "40/40"]
+    assert re.fullmatch(r"teacher: 20/40 \(50%\) \d+s, loss=0\.0526", lines[1]), lines[1]  # postfix of step 19
+    # a time-based line between percentages, and a final line at close for steps since the last line
+    stream = io.StringIO()
+    bar = PlainProgress(1000, desc="itvm", stream=stream, every_percent=50, every_s=0.0)
+    bar.update(3)
+    bar.close()
+    assert stream.getvalue().splitlines()[0].startswith("itvm: 3/1000 (0%)")
+    # the trainer uses it when stderr is not a terminal (pytest's capture is not)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    trainer = _trainer(tmp_path, _fm_loss())
+    trainer.progress = True
+    trainer.fit()
+    assert err.getvalue().splitlines()[-1].startswith("train: 12/12 (100%)") and "\r" not in err.getvalue()

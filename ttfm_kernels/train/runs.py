@@ -2,7 +2,9 @@
 
 Each function takes plain arguments (no argparse) so scripts and tests can call it directly. A run directory
 holds ``ckpt_*.pt`` and ``log.jsonl``; the checkpoint's config names the model class and its arguments, the
-data, the loss and (for students) the teacher's checkpoint, so ``load_model`` can rebuild any run.
+data, the loss and (for students) the teacher's checkpoint, so ``load_model`` can rebuild any run. Teachers are
+``models.MLP`` (points), ``models.DiT`` or ``models.UNet`` (images); students are their two-time twins, built
+with ``from_teacher``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,30 @@ from torch import nn
 
 from ttfm_kernels.flow import EMA, TimeSampler, ode_solve, sample
 from ttfm_kernels.losses import emd_loss, flow_matching_loss, itvm_loss, lfmd_loss
-from ttfm_kernels.models import MLP, TwoTimeMLP
+from ttfm_kernels.models import MLP, DiT, TwoTimeDiT, TwoTimeMLP, TwoTimeUNet, UNet
 from ttfm_kernels.train.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from ttfm_kernels.train.data import PointData
-from ttfm_kernels.train.metrics import histogram_kl, sliced_w2, teacher_match_rmse
+from ttfm_kernels.train.data import PointData, StoredData
+from ttfm_kernels.train.metrics import (
+    coverage_kl,
+    frechet_distance,
+    histogram_kl,
+    sliced_w2,
+    teacher_match_rmse,
+    train_classifier,
+)
 from ttfm_kernels.train.trainer import LossFn, TrainConfig, Trainer
 
-__all__ = ["LOSSES", "TARGETS", "distill", "evaluate", "load_model", "train_teacher"]
+__all__ = ["KL_PROTOCOL", "LOSSES", "MODELS", "TARGETS", "build_teacher", "distill", "evaluate", "load_model",
+           "sample_shape", "train_teacher"]
 
 LOSSES = ("itvm", "lfmd", "emd")
 TARGETS = ("jvp", "euler", "fd")
-_MODEL_CLASSES: dict[str, type[nn.Module]] = {"MLP": MLP, "TwoTimeMLP": TwoTimeMLP}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "dit": DiT, "unet": UNet}
+"""Teacher architectures by ``--model`` name; each student class is ``_STUDENTS[type(teacher)]``."""
+_STUDENTS: dict[type[nn.Module], type[nn.Module]] = {MLP: TwoTimeMLP, DiT: TwoTimeDiT, UNet: TwoTimeUNet}
+_MODEL_CLASSES: dict[str, type[nn.Module]] = {c.__name__: c for c in (*_STUDENTS, *_STUDENTS.values())}
+KL_PROTOCOL = {"bins": 16, "n": 16384}
+"""The 2D KL with a near-zero floor (docs/math.md, "Evaluation protocols"): 16 x 16 bins, 16384 samples."""
 
 
 def _model_spec(model: nn.Module) -> dict[str, Any]:
@@ -62,12 +77,38 @@ def _fit(model: nn.Module, loss_fn: LossFn, data: PointData, cfg: TrainConfig, o
     return trainer.fit(resume=resume)
 
 
-def train_teacher(data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *, preset: str = "small",
-                  sigma: float = 1.0, time_sampling: str = "uniform", device: str = "cpu", progress: bool = True,
+def build_teacher(model: str, preset: str, data: PointData, *, sigma: float = 1.0,
+                  time_scale: float | None = None) -> nn.Module:
+    """A fresh teacher ``MODELS[model]`` of size ``preset`` fitted to ``data``'s shape.
+
+    "mlp" needs points (N, D); "dit" and "unet" need square images (N, C, H, W) and take image_size = H and
+    in_channels = C from the data. ``time_scale`` (default: the class's) multiplies t in the time embedding.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    cls = MODELS[model]
+    extra = {"sigma": sigma, **({"time_scale": time_scale} if time_scale is not None else {})}
+    if model == "mlp":
+        if data.is_image:
+            raise ValueError(f"--model mlp models points (N, D) but data {data.name!r} holds images "
+                             f"{data.shape}; use --model dit or unet")
+        return cls.from_preset(preset, dim=data.dim, **extra)
+    if not data.is_image:
+        raise ValueError(f"--model {model} models images (N, C, H, W) but data {data.name!r} holds "
+                         f"{data.dim}-D points; use --model mlp")
+    channels, height, width = data.shape
+    if height != width:
+        raise ValueError(f"--model {model} needs square images, data {data.name!r} holds {height}x{width}")
+    return cls.from_preset(preset, image_size=height, in_channels=channels, **extra)
+
+
+def train_teacher(data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *, model: str = "mlp",
+                  preset: str = "small", sigma: float = 1.0, time_scale: float | None = None,
+                  time_sampling: str = "uniform", device: str = "cpu", progress: bool = True,
                   resume: bool = False) -> dict[str, Any]:
-    """Train a flow-matching teacher ``models.MLP`` on ``data``; returns the trainer's summary."""
+    """Train a flow-matching teacher (``build_teacher``) on ``data``; returns the trainer's summary."""
     torch.manual_seed(cfg.seed)  # the initial weights
-    model = MLP.from_preset(preset, dim=data.dim, sigma=sigma)
+    model = build_teacher(model, preset, data, sigma=sigma, time_scale=time_scale)
     sampler = TimeSampler(marginal=time_sampling)
 
     def loss_fn(m: nn.Module, ema: nn.Module, x1: torch.Tensor):
@@ -82,7 +123,7 @@ def train_teacher(data: PointData, data_spec: str, out_dir: str | Path, cfg: Tra
 def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: str | Path, cfg: TrainConfig, *,
             loss: str = "itvm", target: str = "jvp", adaptive: float = 0.0, time_sampling: str = "uniform",
             device: str = "cpu", progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Distill the teacher checkpoint into a ``TwoTimeMLP`` (initialised from the teacher) with ``loss``.
+    """Distill the teacher checkpoint into its two-time student (``from_teacher``: u(x, s, t) = v(x, s)) with ``loss``.
 
     ``adaptive`` = p > 0 weights each sample's loss l_b by 1 / sg(l_b + 1e-3)^p (the adaptive weighting of
     MeanFlow; p = 1 normalises every sample's gradient), applied the same way to every loss.
@@ -92,11 +133,12 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     teacher, _ = load_model(teacher_path, device=device)
-    if not isinstance(teacher, MLP):
+    if type(teacher) not in _STUDENTS:
         raise CheckpointError(f"{teacher_path} is not a teacher checkpoint (holds a {type(teacher).__name__})")
-    if teacher.dim != data.dim:
-        raise ValueError(f"the teacher models {teacher.dim}-D points but data {data_spec!r} is {data.dim}-D")
-    student = TwoTimeMLP.from_teacher(teacher).requires_grad_(True)
+    if sample_shape(teacher) != data.shape:
+        raise ValueError(f"the teacher models samples of shape {sample_shape(teacher)} but data {data_spec!r} "
+                         f"holds {data.shape}")
+    student = _STUDENTS[type(teacher)].from_teacher(teacher).requires_grad_(True)
     sampler = TimeSampler(marginal=time_sampling)
 
     reduction = "none" if adaptive > 0 else "mean"
@@ -120,10 +162,42 @@ def distill(teacher_path: str | Path, data: PointData, data_spec: str, out_dir: 
                 desc=loss)
 
 
-def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor | None, seed: int) -> dict[str, float]:
-    row = {"sw2": sliced_w2(samples, held, seed=seed)}
-    if samples.shape[1] == 2:
+def sample_shape(model: nn.Module) -> tuple[int, ...]:
+    """One sample's shape for a model of ``_MODEL_CLASSES``: (dim,) or (in_channels, image_size, image_size)."""
+    if isinstance(model, (MLP, TwoTimeMLP)):
+        return (model.dim,)
+    return (model.in_channels, model.image_size, model.image_size)
+
+
+class _ImageScorer:
+    """Frechet distance and mode coverage in the features of a ``DigitsClassifier`` trained on ``data``'s labels.
+
+    ``accuracy``: the classifier's accuracy on the held-out half; ``floor()``: the metrics of the training half
+    against the held-out half (what two draws of the data give).
+    """
+
+    def __init__(self, data: StoredData, seed: int, cache: str | Path | None) -> None:
+        self.data = data
+        self.classifier, self.accuracy = train_classifier(data.train, data.train_labels, data.held, data.held_labels,
+                                                          seed=seed, cache=cache)
+        self.held_feats, _ = self.classifier.embed(data.held)
+
+    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
+        feats, labels = self.classifier.embed(samples)
+        return {"frechet": frechet_distance(feats, self.held_feats),
+                "coverage_kl": coverage_kl(labels, self.classifier.config["num_classes"])}
+
+    def floor(self) -> dict[str, float]:
+        return self(self.data.train)
+
+
+def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor | None, seed: int,
+             images: _ImageScorer | None = None) -> dict[str, float]:
+    row = {"sw2": sliced_w2(samples.flatten(1), held.flatten(1), seed=seed)}
+    if samples.dim() == 2 and samples.shape[1] == 2:
         row["kl"] = histogram_kl(held, samples)
+    if images is not None:
+        row.update(images(samples))
     if reference is not None:
         row["teacher_rmse"] = teacher_match_rmse(samples, reference)
     return row
@@ -132,31 +206,67 @@ def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor 
 @torch.no_grad()
 def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData, *,
              steps: tuple[int, ...] = (1, 2, 4, 8), n: int = 4096, teacher_steps: int = 100,
-             seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+             seed: int = 0, classifier_cache: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of each student's N-step samples, and of the teacher's N-step Euler solve, for every N in ``steps``.
 
     All samples start from the same noise x0 ~ N(0, sigma^2 I) (sigma from the teacher). ``teacher_rmse`` is
     against the teacher's ``teacher_steps``-step Heun solve from that noise; ``sw2`` and ``kl`` are against
-    ``n`` held-out data points. ``floor`` holds the same metrics between two independent held-out draws (what
-    sampling noise alone gives: no method can be expected to go below it).
-    Returns ``(metrics, samples)``: samples[row][str(N)] are the (n, D) points scored in metrics[row][str(N)]
+    ``n`` held-out data points. 2D data also gets ``kl16``: the ``KL_PROTOCOL`` histogram KL on a separate
+    draw of ``KL_PROTOCOL["n"]`` noise and held-out points. Labelled image data (digits) gets ``frechet`` and
+    ``coverage_kl`` in the features of a classifier trained on its training half (cached at
+    ``classifier_cache``; its held-out accuracy is ``classifier_accuracy``). ``floor`` holds the same metrics
+    between two draws of the data (two independent held-out draws for the toy sets; the training half against
+    the held-out half for stored data): what sampling noise alone gives.
+    Returns ``(metrics, samples)``: samples[row][str(N)] are the (n, ...) samples scored in metrics[row][str(N)]
     (rows: "teacher_euler" and each student; samples["teacher_heun"] and samples["data"] are single tensors).
     """
     g = torch.Generator().manual_seed(seed)
     sigma = float(getattr(teacher, "sigma", 1.0))
-    x0 = sigma * torch.randn(n, data.dim, generator=g)
+    x0 = sigma * torch.randn(n, *data.shape, generator=g)
     held = data.held_out(n, seed)
+    images = None
+    if isinstance(data, StoredData) and data.train_labels is not None and data.is_image:
+        images = _ImageScorer(data, seed, classifier_cache)
     reference = ode_solve(teacher, x0, steps=teacher_steps, method="heun")
     samples: dict[str, Any] = {"data": held, "teacher_heun": reference,
                                "teacher_euler": {str(k): ode_solve(teacher, x0, steps=k, method="euler")
                                                  for k in steps}}
     for name, student in students.items():
         samples[name] = {str(k): sample(student, x0, steps=k) for k in steps}
+    if isinstance(data, StoredData):
+        floor = _quality(data.train[:len(held)], held, None, seed)
+        if images is not None:
+            floor.update(images.floor())
+    else:
+        floor = _quality(data.held_out(n, seed + 1), held, None, seed)
     metrics: dict[str, Any] = {
-        "n": n, "seed": seed, "steps": list(steps), "teacher_steps": teacher_steps,
-        "floor": _quality(data.held_out(n, seed + 1), held, None, seed),
-        "teacher_heun": _quality(reference, held, None, seed),
+        "n": n, "seed": seed, "steps": list(steps), "teacher_steps": teacher_steps, "floor": floor,
+        "teacher_heun": _quality(reference, held, None, seed, images),
     }
+    if images is not None:
+        metrics["classifier_accuracy"] = images.accuracy
     for row in ["teacher_euler", *students]:
-        metrics[row] = {k: _quality(x, held, reference, seed) for k, x in samples[row].items()}
+        metrics[row] = {k: _quality(x, held, reference, seed, images) for k, x in samples[row].items()}
+    if data.shape == (2,):
+        _add_kl16(metrics, students, teacher, data, sigma * torch.randn(KL_PROTOCOL["n"], 2, generator=g), seed)
     return metrics, samples
+
+
+def _add_kl16(metrics: dict[str, Any], students: dict[str, nn.Module], teacher: nn.Module, data: PointData,
+              x0: torch.Tensor, seed: int) -> None:
+    """The ``KL_PROTOCOL`` 2D KL of every row, on its own larger draw x0 of noise and of held-out data."""
+    if isinstance(data, StoredData):  # a fixed split: the held-out part against the training part
+        held, other = data.held, data.train
+    else:
+        held, other = data.held_out(len(x0), seed + 2), data.held_out(len(x0), seed + 3)
+
+    def kl16(x: torch.Tensor) -> float:
+        return histogram_kl(held, x, bins=KL_PROTOCOL["bins"])
+
+    metrics["kl16_n"] = len(x0)
+    metrics["floor"]["kl16"] = kl16(other)
+    metrics["teacher_heun"]["kl16"] = kl16(ode_solve(teacher, x0, steps=metrics["teacher_steps"], method="heun"))
+    for k in metrics["steps"]:
+        metrics["teacher_euler"][str(k)]["kl16"] = kl16(ode_solve(teacher, x0, steps=k, method="euler"))
+        for name, student in students.items():
+            metrics[name][str(k)]["kl16"] = kl16(sample(student, x0, steps=k))

@@ -1,10 +1,11 @@
 """The training loop shared by teacher training and distillation.
 
 AdamW with linear warm-up then cosine decay (to ``final_lr_fraction`` of the peak), gradient clipping, an EMA
-of the weights, a tqdm bar (loss, samples/s), JSON-lines logs (``log.jsonl``), atomic complete checkpoints
-every ``ckpt_every`` steps and at the end, exact resume (bitwise-equal parameters with the same thread count)
-and deterministic seeding. A non-finite loss or gradient stops the run with ``TrainingDiverged`` before the
-optimizer step, so the last good checkpoint stays the newest one on disk.
+of the weights, progress on stderr (a tqdm bar on a terminal; otherwise ``PlainProgress``: one plain line every
+5% of the steps or 30 s, so a log file holds no carriage-return updates), JSON-lines logs (``log.jsonl``), atomic
+complete checkpoints every ``ckpt_every`` steps and at the end, exact resume (bitwise-equal parameters with the
+same thread count) and deterministic seeding. A non-finite loss or gradient stops the run with
+``TrainingDiverged`` before the optimizer step, so the last good checkpoint stays the newest one on disk.
 
 Randomness: the batch of data points comes from a dedicated generator (its state is the checkpoint's data
 position); everything the loss draws (noise, times) comes from the global torch RNG, seeded from ``seed``.
@@ -16,10 +17,11 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -38,11 +40,56 @@ from ttfm_kernels.train.checkpoint import (
 )
 from ttfm_kernels.train.data import PointData
 
-__all__ = ["LossFn", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything"]
+__all__ = ["LossFn", "PlainProgress", "TrainConfig", "Trainer", "TrainingDiverged", "seed_everything"]
 
 LossFn = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
-"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, D) batch of data points; stats maps names to 0-dim
-tensors (as the losses return them) or numbers, converted to Python numbers only when a log line is written."""
+"""``loss_fn(model, ema, x1) -> (loss, stats)``: x1 is a (B, ...) batch of data (points or images); stats maps
+names to 0-dim tensors (as the losses return them) or numbers, converted to Python numbers only when a log line is
+written."""
+
+
+class PlainProgress:
+    """Progress for a stream that is not a terminal: ``desc: step/total (pct%) elapsed, postfix`` lines.
+
+    A line is written when the step count crosses the next multiple of ``every_percent`` % of ``total``, or
+    when ``every_s`` seconds passed since the last line, and at ``close`` if steps were made since the last
+    line. Same ``update`` / ``set_postfix`` / ``close`` calls as the tqdm bar it replaces.
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None,
+                 every_percent: float = 5.0, every_s: float = 30.0) -> None:
+        self.total, self.n, self.desc = total, initial, desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_steps = max(1, math.ceil(total * every_percent / 100))
+        self.every_s, self.postfix = every_s, ""
+        self._start = self._last_t = time.perf_counter()
+        self._last_n = initial
+
+    def set_postfix(self, **values: object) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.n // self.every_steps > self._last_n // self.every_steps or now - self._last_t >= self.every_s:
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        pct = 100.0 * self.n / max(self.total, 1)
+        tail = f", {self.postfix}" if self.postfix else ""
+        self.stream.write(f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%) {now - self._start:.0f}s{tail}\n")
+        self.stream.flush()
+        self._last_t, self._last_n = now, self.n
+
+    def close(self) -> None:
+        if self.n != self._last_n:
+            self._write(time.perf_counter())
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm | PlainProgress:
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total, initial=initial, desc=desc)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,8 +225,7 @@ class Trainer:
             seed_everything(self.cfg.seed)
             self.data_gen.manual_seed(self.cfg.seed + 1)
             self.log_path.write_text("")
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+        bar = _progress_bar(self.cfg.steps, self.step, self.desc, self.progress)
         window_t, window_n, last = time.perf_counter(), 0, {}
         try:
             while self.step < self.cfg.steps:
