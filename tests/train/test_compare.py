@@ -102,8 +102,11 @@ def test_table_reports_a_diverged_method() -> None:
                            "loss_curve": [1.0, 0.5]},
             "emd/seed0": {"status": "diverged", "steps": 12, "loss_curve": [1.0, 50.0]},
             "emd/seed1": {"status": "done", "sec_per_step": 0.01, "steps": 12, "metrics": row,
-                          "loss_curve": [0.01, 0.2, 0.5, 5.0]}}
-    cfg = CompareConfig(quick=True, seeds=2, methods=("lfmd", "emd"), wallclock=False)
+                          "loss_curve": [0.01, 0.2, 0.5, 5.0]},
+            "progressive/seed0": {"status": "done", "sec_per_step": 0.01, "steps": 12, "metrics": row,
+                                  "loss_curve": [1.0, 0.5]}}
+    cfg = CompareConfig(quick=True, seeds=2, methods=("lfmd", "emd", "progressive"), wallclock=False)
     table = format_tables({"runs": runs, "meta": {"shared": shared}, "config": cfg.as_json(), "budget": cfg.budget()})
     assert "emd (1/2 diverged, loss curve runs/emd/seed0/log.jsonl; unstable: final loss 500x its early peak)" in table
     assert "| lfmd | **1 ± 0** |" in table
+    assert "| progressive (1/2 seeds run) | **1** |" in table  # an interrupted compare's table says so

@@ -345,7 +345,8 @@ def _row_label(runs: dict[str, Any], keys: list[str], name: str) -> str:
     diverged = [k for k in keys if runs.get(k, {}).get("status") == "diverged"]
     growth = max((_growth(runs[k]["loss_curve"]) for k in keys if runs.get(k, {}).get("status") == "done"),
                  default=1.0)
-    notes = []
+    missing = [k for k in keys if k not in runs]
+    notes = [f"{len(keys) - len(missing)}/{len(keys)} seeds run"] if missing else []
     if diverged:
         notes.append(f"{len(diverged)}/{len(keys)} diverged, loss curve runs/{diverged[0]}/log.jsonl")
     if growth > 10:
