@@ -5,6 +5,7 @@
     ttfm distill --teacher runs/teacher --loss itvm --out runs/itvm
     ttfm sample --ckpt runs/itvm --steps 4 --out samples.npy
     ttfm eval --ckpt runs/itvm
+    ttfm compare --data digits --model unet --seeds 3 --out runs/compare   every method, seeds, ablations
 
 Images: ``ttfm train-teacher --model unet --data digits`` (or dit; ``--data`` may also be a .npy/.npz of
 (N, C, H, W) images or a folder of PNGs), then distill / sample (``--png`` writes an image grid) / eval (Frechet
@@ -31,6 +32,8 @@ import torch
 
 from ttfm_kernels.flow import ode_solve, sample
 from ttfm_kernels.train.checkpoint import CheckpointError
+from ttfm_kernels.train.compare import METHODS as COMPARE_METHODS
+from ttfm_kernels.train.compare import CompareConfig, format_tables, run_compare
 from ttfm_kernels.train.data import IMAGE_DATASETS, TOY_DATASETS, load_data
 from ttfm_kernels.train.parallel import PARALLEL, Parallel, init_parallel
 from ttfm_kernels.train.runs import (
@@ -180,6 +183,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", default=None, help="also write the metrics to this .json file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+    p = sub.add_parser("compare", help="every distillation method on one image teacher: seeds, ablations, "
+                       "equal steps and equal wall-clock; resumable",
+                       description="Train one teacher (cached in --out), distill it with every method under the "
+                       "same budget, seeds and time sampler, evaluate 1/2/4/8-step sampling; results.json is "
+                       "written after every run (rerun the same command to resume), table.md and grids at the end.")
+    p.add_argument("--data", default="digits", help="labelled image data: digits or digits16 (default %(default)s)")
+    p.add_argument("--model", default="unet", help="teacher architecture: unet or dit (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds of the main methods (default 3; "
+                   "--quick 1)")
+    p.add_argument("--methods", default=None, help="comma-separated methods and ablations (default: all of "
+                   f"{', '.join(COMPARE_METHODS)}; --quick: itvm-euler,lfmd)")
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the budget's, 300; quick 12)")
+    p.add_argument("--batch-size", type=int, default=None, help="student batch (default: the budget's, 64)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the budget's, 2000)")
+    p.add_argument("--no-wallclock", action="store_true", help="skip the equal wall-clock runs")
+    p.add_argument("--quick", action="store_true", help="a test-sized run (seconds) to check the pipeline")
+    p.add_argument("--out", default="ttfm_compare", help="output directory (default ./%(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser
 
 
@@ -322,9 +345,11 @@ def format_table(res: dict[str, Any], methods: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _image_grid_png(path: str | Path, x: torch.Tensor, *, max_images: int = 64, min_pixels: int = 32) -> None:
-    """A square-ish grid of the first ``max_images`` images of x (N, C, H, W) in [-1, 1], 1-pixel white gaps,
-    each image enlarged (nearest) to at least ``min_pixels`` pixels; grey for C = 1, RGB for C = 3."""
+def _image_grid_png(path: str | Path, x: torch.Tensor, *, max_images: int = 64, min_pixels: int = 32,
+                    cols: int | None = None) -> None:
+    """A grid of the first ``max_images`` images of x (N, C, H, W) in [-1, 1] (``cols`` per row, default
+    square-ish), 1-pixel white gaps, each image enlarged (nearest) to at least ``min_pixels`` pixels; grey for
+    C = 1, RGB for C = 3."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +361,7 @@ def _image_grid_png(path: str | Path, x: torch.Tensor, *, max_images: int = 64, 
         raise ValueError(f"an image grid needs 1 or 3 channels, got {c}")
     zoom = max(1, -(-min_pixels // h))
     x = x.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = cols or int(np.ceil(np.sqrt(n)))
     rows = -(-n // cols)
     hz, wz = h * zoom, w * zoom
     grid = torch.ones(c, rows * (hz + 1) + 1, cols * (wz + 1) + 1)
@@ -434,8 +459,31 @@ def _cmd_demo(a: argparse.Namespace) -> None:
           f"({res['wall_s']:.0f} s)")
 
 
+def _cmd_compare(a: argparse.Namespace) -> None:
+    methods = a.methods.split(",") if a.methods else (["itvm-euler", "lfmd"] if a.quick else list(COMPARE_METHODS))
+    seeds = a.seeds if a.seeds is not None else (1 if a.quick else 3)
+    cfg = CompareConfig(data=a.data, model=a.model, seeds=seeds, quick=a.quick, methods=tuple(methods),
+                        student_steps=a.steps, student_batch=a.batch_size, teacher_steps=a.teacher_steps,
+                        wallclock=not a.no_wallclock)
+    out = Path(a.out)
+    print(f"ttfm compare: {cfg.data}, {cfg.model}, {cfg.seeds} seed(s), methods {', '.join(cfg.methods)}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing {out}/")
+    summary = run_compare(cfg, out, progress=not a.no_progress)
+    table, grids = format_tables(summary), []
+    for n_steps, rows in summary["samples"].items():
+        path = out / f"samples_{n_steps}step.png"
+        x = torch.cat(list(rows.values()))
+        _image_grid_png(path, x, max_images=len(x), cols=len(next(iter(rows.values()))))
+        grids.append(str(path))
+        table += f"\n{path.name}: {n_steps}-step samples from one noise, rows top to bottom: {', '.join(rows)}.\n"
+    (out / "table.md").write_text(table)
+    print(table, end="")
+    print(f"{summary['trained']} runs trained, {summary['skipped']} already finished (skipped), "
+          f"{summary['wall_s']:.0f} s; wrote {out / 'results.json'}, {out / 'table.md'}, {', '.join(grids)}")
+
+
 _COMMANDS = {"demo": _cmd_demo, "train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
-             "sample": _cmd_sample, "eval": _cmd_eval}
+             "sample": _cmd_sample, "eval": _cmd_eval, "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
