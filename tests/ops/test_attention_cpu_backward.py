@@ -73,8 +73,8 @@ def grads(fn, inputs, w, dtype):
     return [None if a is None else next(found) for a in args]
 
 
-def fused(causal):
-    return lambda a: jvp_attention(*a, causal=causal, backend="cpu", return_lse=True)
+def fused(causal, backend="cpu"):
+    return lambda a: jvp_attention(*a, causal=causal, backend=backend, return_lse=True)
 
 
 def reference(causal):
@@ -183,6 +183,17 @@ def test_double_backward_falls_back_to_the_reference(reference_calls):
         assert_close_to_ref(a, b, name=f"grad^2 {name}", scale=10)  # fp32 on both sides, second order
 
 
+def check_adversarial(inputs, dtype, backend):
+    """The forward (o, t_o) and all six gradients of ``backend`` on ``inputs`` cast to ``dtype`` match
+    torch.func.jvp over math SDPA in float64, causal (the shared-key-direction case of both fused backends)."""
+    w = weights(inputs[0], (1, 1, 0))
+    o, t_o = jvp_attention(*[t.to(dtype) for t in inputs], causal=True, backend=backend)
+    ro, rt, _ = sdpa_jvp(True)(inputs)
+    assert_close_to_ref(o, ro, name="o")
+    assert_close_to_ref(t_o, rt, name="t_o")
+    compare(grads(fused(True, backend), inputs, w, dtype), grads(sdpa_jvp(True), inputs, w, torch.float64), inputs, w)
+
+
 def adversarial_inputs(n, d, dtype):
     """Keys sharing a large mean direction (a large row-constant score and score tangent), cast to ``dtype``."""
     q, k, v, tq, tk, tv = make_inputs(1, 2, n, n, d)
@@ -197,16 +208,10 @@ def adversarial_inputs(n, d, dtype):
 def test_adversarial_shared_key_direction_forward_and_backward(dtype, bf16_gemm, reference_calls, monkeypatch):
     monkeypatch.setattr(function, "_CPU_BF16_GEMM", bf16_gemm)
     inputs = adversarial_inputs(70, 16, dtype)
-    w = weights(inputs[0], (1, 1, 0))
     q, k, tq, tk = (t[0, 0] for t in (inputs[0], inputs[1], inputs[3], inputs[4]))
     for scores in (q @ k.T, tq @ k.T + q @ tk.T):  # the row-constant part dominates scores and their tangent
         assert scores.mean(dim=1).abs().mean() > 2 * scores.std(dim=1).mean()
-    args = [t.to(dtype) for t in inputs]
-    o, t_o = jvp_attention(*args, causal=True, backend="cpu")
-    ro, rt, _ = sdpa_jvp(True)(inputs)
-    assert_close_to_ref(o, ro, name="o")
-    assert_close_to_ref(t_o, rt, name="t_o")
-    compare(grads(fused(True), inputs, w, dtype), grads(sdpa_jvp(True), inputs, w, torch.float64), inputs, w)
+    check_adversarial(inputs, dtype, "cpu")
     assert not reference_calls
 
 
