@@ -246,7 +246,8 @@ def run_compare(cfg: CompareConfig, out: str | Path, *, progress: bool = True,
         trained += 1
         log(f"teacher: {summary['steps']} steps, {summary['sec_per_step'] * 1000:.1f} ms/step")
     teacher, _ = load_model(teacher_dir)
-    ev = {"steps": EVAL_STEPS, "seed": 0, "classifier_cache": out / "classifier.pt", **budget["eval"]}
+    ev = {"steps": EVAL_STEPS, "seed": 0, "classifier_cache": out / "classifier.pt", "teacher_solves": {},
+          **budget["eval"]}
 
     def run(key: str, name: str, steps: int, seed: int, same_as: str | None = None) -> None:
         nonlocal skipped, trained

@@ -235,7 +235,8 @@ def _quality(samples: torch.Tensor, held: torch.Tensor, reference: torch.Tensor 
 @torch.no_grad()
 def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData, *,
              steps: tuple[int, ...] = (1, 2, 4, 8), n: int = 4096, teacher_steps: int = 100,
-             seed: int = 0, classifier_cache: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+             seed: int = 0, classifier_cache: str | Path | None = None,
+             teacher_solves: dict[tuple, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of each student's N-step samples, and of the teacher's N-step Euler solve, for every N in ``steps``.
 
     All samples start from the same noise x0 ~ N(0, sigma^2 I) (sigma from the teacher). ``teacher_rmse`` is
@@ -246,6 +247,8 @@ def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData
     ``classifier_cache``; its held-out accuracy is ``classifier_accuracy``). ``floor`` holds the same metrics
     between two draws of the data (two independent held-out draws for the toy sets; the training half against
     the held-out half for stored data): what sampling noise alone gives.
+    ``teacher_solves``: a dict the caller keeps across calls with the same teacher and data; the teacher's Heun
+    and Euler solves are stored there on the first call (keyed by n, seed and step counts) and reused after.
     Returns ``(metrics, samples)``: samples[row][str(N)] are the (n, ...) samples scored in metrics[row][str(N)]
     (rows: "teacher_euler" and each student; samples["teacher_heun"] and samples["data"] are single tensors).
     """
@@ -256,10 +259,15 @@ def evaluate(students: dict[str, nn.Module], teacher: nn.Module, data: PointData
     images = None
     if isinstance(data, StoredData) and data.train_labels is not None and data.is_image:
         images = _ImageScorer(data, seed, classifier_cache)
-    reference = ode_solve(teacher, x0, steps=teacher_steps, method="heun")
-    samples: dict[str, Any] = {"data": held, "teacher_heun": reference,
-                               "teacher_euler": {str(k): ode_solve(teacher, x0, steps=k, method="euler")
-                                                 for k in steps}}
+    key = (n, seed, teacher_steps, tuple(steps))
+    solves = (teacher_solves or {}).get(key)
+    if solves is None:
+        solves = (ode_solve(teacher, x0, steps=teacher_steps, method="heun"),
+                  {str(k): ode_solve(teacher, x0, steps=k, method="euler") for k in steps})
+        if teacher_solves is not None:
+            teacher_solves[key] = solves
+    reference = solves[0]
+    samples: dict[str, Any] = {"data": held, "teacher_heun": reference, "teacher_euler": solves[1]}
     for name, student in students.items():
         samples[name] = {str(k): sample(student, x0, steps=k) for k in steps}
     if isinstance(data, StoredData):
