@@ -416,9 +416,11 @@ class _SmallBlock(torch.nn.Module):
         return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
 
 
-def test_torch_compile_fullgraph_of_a_jvp_under_the_mode_breaks_and_without_it_is_exact():
-    """The documented behaviour (docs/support.md): fullgraph=True stops on the mode's vmap check (functorch's
-    interpreter stack, a skipped builtin); fullgraph=False compiles around it and equals eager, tangent non-zero."""
+def test_torch_compile_fullgraph_of_a_jvp_under_the_mode_routes_to_the_fused_kernels():
+    """fullgraph=True traces torch.func.jvp under the mode (its vmap check is a trace-time constant): the graph
+    holds the library's kernels (norm JVP, stacked linear, attention JVP) and equals eager, tangent non-zero."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
     torch.manual_seed(0)
     block = _SmallBlock()
     x, tx = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
@@ -430,10 +432,13 @@ def test_torch_compile_fullgraph_of_a_jvp_under_the_mode_breaks_and_without_it_i
     with sdpa_kernel(SDPBackend.MATH):  # the CPU flash kernel has no forward-AD rule
         ref = torch.func.jvp(block, (x,), (tx,))
     torch.compiler.reset()
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="get_interpreter_stack"):
-        torch.compile(f, fullgraph=True, backend="aot_eager")(x, tx)
-    torch.compiler.reset()
-    got = torch.compile(f, backend="aot_eager")(x, tx)
+    recorder = EagerAndRecordGraphs()
+    got = torch.compile(f, fullgraph=True, backend=recorder)(x, tx)
+    targets = [str(n.target) for g in recorder.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert len(recorder.graphs) == 1
+    assert sum("ttfm." in t for t in targets) >= 2, targets  # the norm and attention JVP kernels
+    assert any("cat" in t for t in targets), targets  # the stacked primal + tangent linear
     assert_close_to_ref(got[0], ref[0], name="compiled value")
     assert_close_to_ref(got[1], ref[1], name="compiled tangent")
     assert_nontrivial(got[1], "compiled tangent")
+    torch.compiler.reset()

@@ -146,11 +146,14 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _open = threading.local()  # .depth: how many fused_jvp modes this thread has open
 
 
+@torch._dynamo.assume_constant_result
 def _vmap_active() -> bool:
     """Whether a ``torch.func.vmap`` level is on the functorch stack (the fused Functions have no vmap rule).
 
     Batched tensors cannot be told apart from the outside under ``vmap(jvp(...))`` (the dual wraps them), so
-    this reads functorch's interpreter stack (only when a transform is active).
+    this reads functorch's interpreter stack (only when a transform is active). Dynamo cannot trace that read;
+    it runs it once while tracing, when the stack of the traced transforms is the real one, and keeps the answer
+    as a constant of the graph (a transform's nesting is fixed by the traced code).
     """
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
