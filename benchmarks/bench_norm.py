@@ -1,4 +1,4 @@
-"""Fused norm + modulation + SiLU JVP (C++ CPU kernel) and stacked conv tangents against torch.func.jvp.
+"""Fused norm + modulation + SiLU JVP (C++ CPU kernel) and the Conv2d tangent layer against torch.func.jvp.
 
 The eager baseline is what a model built from torch modules pays under ``torch.func.jvp``: nn.GroupNorm /
 nn.LayerNorm, the (1 + scale) / shift modulation and SiLU, each with its own forward-AD rule. Tangents on x,
@@ -102,8 +102,9 @@ def test_jvp_norm_modulate_silu_gpu(compare, label: str, num_groups: int | None,
     assert res.speedup("fused") >= 2.0
 
 
-def test_conv2d_stacked_tangent_cpu(compare) -> None:
-    """Conv2d(128, 128, 3) JVP: one convolution of [x; tx] against torch's forward-AD rule (report the ratio)."""
+def test_conv2d_tangent_cpu(compare) -> None:
+    """Conv2d(128, 128, 3) JVP: the bias-free convolution of tx beside the primal's, against torch's forward-AD
+    rule (report the ratio)."""
     ref = nn.Conv2d(128, 128, 3, padding=1)
     conv = tnn.Conv2d(128, 128, 3, padding=1)
     conv.load_state_dict(ref.state_dict())
@@ -114,13 +115,13 @@ def test_conv2d_stacked_tangent_cpu(compare) -> None:
         return torch.func.jvp(ref, (x,), (tx,))
 
     @torch.no_grad()
-    def stacked():
+    def fused():
         return torch.func.jvp(conv, (x,), (tx,))
 
     def check() -> None:
-        (y_ref, ty_ref), (y, ty) = eager(), stacked()
+        (y_ref, ty_ref), (y, ty) = eager(), fused()
         assert_close_to_ref(y, y_ref, name="y")
         assert_close_to_ref(ty, ty_ref, name="ty")
 
-    compare(case="conv2d_jvp cpu C128 k3 B8 32x32 fp32 stacked", fns={"eager": eager, "stacked": stacked},
+    compare(case="conv2d_jvp cpu C128 k3 B8 32x32 fp32", fns={"eager": eager, "fused": fused},
             baseline="eager", check=check, rounds=10)

@@ -3,8 +3,8 @@
 Inside ``with fused_jvp():`` a call of a routed torch function whose input carries a forward-AD tangent
 (``torch.func.jvp`` or ``torch.autograd.forward_ad``) and whose parameters carry none runs the fused form:
 
-- ``F.linear``, ``F.conv1d/2d/3d``: primal and tangent in ONE stacked call (tangent rows after the primal's),
-  bias on the primal only (the op is linear in its input; ``ttfm_kernels.nn.linear.stacked_tangent``);
+- ``F.linear``, ``F.conv1d/2d/3d``: the op on the primal with its bias and on the tangent without, two plain
+  calls outside forward AD (the op is linear in its input; ``ttfm_kernels.nn.linear.linear_tangent``);
 - ``F.layer_norm`` / ``torch.layer_norm``, ``F.group_norm`` / ``torch.group_norm``: the fused norm JVP op
   (``jvp_norm_modulate_silu`` without modulation or activation), whose backward recomputes the explicit formula:
   gradients through the tangent are right, unlike torch 2.13's own ``F.layer_norm`` rule (docs/support.md);
@@ -32,7 +32,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.overrides import TorchFunctionMode
 
 from ttfm_kernels._dispatch import BACKENDS, warn_once
-from ttfm_kernels.nn.linear import stacked_tangent
+from ttfm_kernels.nn.linear import linear_tangent
 from ttfm_kernels.ops.attention import attention
 from ttfm_kernels.ops.norm import group_norm_jvp, layer_norm_jvp
 
@@ -83,21 +83,11 @@ class _Route:
         return bound
 
 
-def _linear(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
+def _input_linear(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
+    """F.linear / F.conv*d: ``func`` with its bias on the primal and without on the tangent."""
     weight = b["weight"]
-    y, ty = stacked_tangent(lambda z: func(z, weight), x, tx, b.get("bias"), x.dim() >= 2, (-1,))
-    return fwAD.make_dual(y, ty)
-
-
-def _conv(dims: int) -> Callable[..., Tensor]:
-    def fused(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
-        rest = {k: b[k] for k in ("stride", "padding", "dilation", "groups") if k in b}
-        weight = b["weight"]
-        y, ty = stacked_tangent(lambda z: func(z, weight, None, **rest), x, tx, b.get("bias"), x.dim() == dims + 2,
-                                (-1,) + (1,) * dims)
-        return fwAD.make_dual(y, ty)
-
-    return fused
+    rest = {k: b[k] for k in ("stride", "padding", "dilation", "groups") if k in b}  # conv only
+    return fwAD.make_dual(*linear_tangent(lambda z, bias: func(z, weight, bias, **rest), x, tx, b.get("bias")))
 
 
 def _layer_norm(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
@@ -126,8 +116,8 @@ _LN = ("input", "normalized_shape", "weight", "bias", "eps")
 _GN = ("input", "num_groups", "weight", "bias", "eps")
 _SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _ROUTES: dict[Callable[..., Tensor], _Route] = {
-    F.linear: _Route("linear", "linear", ("input", "weight", "bias"), ("input",), ("weight", "bias"), _linear),
-    **{conv: _Route(f"conv{n}d", "conv", _CONV, ("input",), ("weight", "bias"), _conv(n))
+    F.linear: _Route("linear", "linear", ("input", "weight", "bias"), ("input",), ("weight", "bias"), _input_linear),
+    **{conv: _Route(f"conv{n}d", "conv", _CONV, ("input",), ("weight", "bias"), _input_linear)
        for n, conv in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d))},
     F.layer_norm: _Route("layer_norm", "norm", _LN, ("input",), ("weight", "bias"), _layer_norm),
     torch.layer_norm: _Route("layer_norm", "norm", (*_LN, "cudnn_enable"), ("input",), ("weight", "bias"),

@@ -1,4 +1,4 @@
-"""Conv2d / Linear: same arguments and state_dict as torch's, tangent from ONE stacked call, differentiable."""
+"""Conv2d / Linear: same arguments and state_dict as torch's, tangent from the bias-free op on tx, differentiable."""
 
 from __future__ import annotations
 
@@ -30,32 +30,32 @@ def _pair(ours, theirs, args, kwargs):
 
 
 @pytest.fixture
-def stacked_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the fused stacked calls (so a test fails if the tangent silently took torch's own rule)."""
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the fused tangent calls (so a test fails if the tangent silently took torch's own rule)."""
     calls: list[int] = []
-    real = linear_mod.stacked_tangent
+    real = linear_mod.linear_tangent
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(linear_mod, "stacked_tangent", spy)
+    monkeypatch.setattr(linear_mod, "linear_tangent", spy)
     return calls
 
 
 @pytest.mark.parametrize(("ours", "theirs", "args", "kwargs", "shape"), CASES)
-def test_matches_torch_under_func_jvp_and_forward_ad(ours, theirs, args, kwargs, shape, stacked_calls):
+def test_matches_torch_under_func_jvp_and_forward_ad(ours, theirs, args, kwargs, shape, fused_calls):
     m, ref = _pair(ours, theirs, args, kwargs)
     x, tx = torch.randn(shape), torch.randn(shape)
     y_ref, ty_ref = torch.func.jvp(ref, (x,), (tx,))
     y, ty = torch.func.jvp(m, (x,), (tx,))
-    assert len(stacked_calls) == 1
+    assert len(fused_calls) == 1
     assert_close_to_ref(y, y_ref, name="y")
     assert_close_to_ref(ty, ty_ref, name="ty")
     assert_nontrivial(ty)
     with fwAD.dual_level():
         y2, ty2 = fwAD.unpack_dual(m(fwAD.make_dual(x, tx)))
-    assert len(stacked_calls) == 2
+    assert len(fused_calls) == 2
     assert_close_to_ref(y2, y_ref, name="forward_ad y")
     assert_close_to_ref(ty2, ty_ref, name="forward_ad ty")
     y3, ty3 = m.forward_jvp(x, tx)
@@ -80,8 +80,8 @@ def test_gradients_through_the_tangent(ours, theirs, args, kwargs, shape):
         assert_close_to_ref(got, want, name=name)
 
 
-def test_weight_tangent_falls_back_to_torch(stacked_calls):
-    """A JVP with respect to the weights (not the stacked case) is still right: torch's own rule runs."""
+def test_weight_tangent_falls_back_to_torch(fused_calls):
+    """A JVP with respect to the weights (not the fused case) is still right: torch's own rule runs."""
     m, ref = _pair(Linear, nn.Linear, (6, 5), {})
     x = torch.randn(3, 6)
     params = dict(m.named_parameters())
@@ -93,5 +93,5 @@ def test_weight_tangent_falls_back_to_torch(stacked_calls):
 
     _, ty = run(m)
     _, ty_ref = run(ref)
-    assert not stacked_calls
+    assert not fused_calls
     assert_close_to_ref(ty, ty_ref, name="ty with weight tangents")
