@@ -405,7 +405,7 @@ def _scatter_png(path: str | Path, grid: list[list[tuple[str, torch.Tensor] | No
 
 # The demo's budgets. Full: sized to finish in a few minutes on 2 CPU cores with meaningful gaps between losses.
 _DEMO = {
-    "full": {"preset": "small", "teacher": {"steps": 3000, "batch_size": 512, "lr": 1e-3, "warmup": 200},
+    "full": {"preset": "small", "teacher": {"steps": 6000, "batch_size": 512, "lr": 3e-3, "warmup": 200},
              "student": {"steps": 1000, "batch_size": 512, "lr": 3e-4, "warmup": 50, "ema_decay": 0.99},
              "eval": {"n": 4096, "teacher_steps": 100}},
     "quick": {"preset": "tiny", "teacher": {"steps": 150, "batch_size": 256, "lr": 2e-3, "warmup": 20},
