@@ -23,7 +23,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
-from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
+from ttfm_kernels._dispatch import OpBackends, always, carries_tangent, ext_kernel, triton_kernel
 from ttfm_kernels._precision import cast, no_autocast
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
@@ -179,10 +179,6 @@ def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt
                        activation == "silu", with_ty=False)
 
 
-def _has_dual(*tensors: Opt) -> bool:
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
-
-
 def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, shift: Opt = None,
                            tscale: Opt = None, tshift: Opt = None, *, num_groups: int | None = None,
                            weight: Opt = None, bias: Opt = None, eps: float = 1e-5,
@@ -206,7 +202,7 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
     """
     tx = cast(tx, x.dtype) if isinstance(x, torch.Tensor) else tx
     _validate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, activation)
-    if _has_dual(x, tx, scale, shift, tscale, tshift):
+    if carries_tangent(x, tx, scale, shift, tscale, tshift):
         backend = "reference"  # nested forward AD through the explicit API: the plain formula carries it
     return _norm_modulate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
 
