@@ -4,11 +4,11 @@
 // kernel) from ttfm/residual_op.h.
 //
 // Ops, all functional (inputs in, fresh outputs out; docs/design.md, "How to add an op"):
-// - flow_map_step -> out, itvm_residual_loss_fwd -> [losses, terms(, grad_u_st, grad_u_ss)]: private kernel ops
+// - flow_map_step -> out, itvm_residual_loss_fwd -> [losses, terms(, grads)]: private kernel ops
 //   with CPU (here) and CUDA kernels; their fake kernels and (flow_map_step) autograd are registered from Python
 //   (ttfm_kernels/ops/residual/function.py). itvm_residual_loss_fwd computes the per-sample losses, the
 //   per-sample unweighted means of both squared residuals (B, 2) and, given an incoming gradient of the losses,
-//   both gradients in the same pass. The terminal target is target_a + coef * target_b (+ coef_c * target_c
+//   both gradients in the same pass (grads = {grad_u_st, grad_u_ss}, one (2, B, ...) tensor). The terminal target is target_a + coef * target_b (+ coef_c * target_c
 //   when target_c is given), formed in the accumulation dtype.
 // - itvm_residual_loss: the functional loss (per-sample losses, weights, reduction) and the two statistics
 //   (the unweighted means of r_I^2 and r_T^2 over the batch, from the same pass), with its autograd
@@ -340,7 +340,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_pass(const R
   const std::vector<at::Tensor> out =
       kernel.call(t.u_st, t.u_ss, t.v_s, t.target_a, t.target_b, t.coef, t.target_c, t.coef_c, t.weight, lambda_init,
                   lambda_term, grad_losses.defined() ? OptTensor(grad_losses) : OptTensor());
-  return {out[0], out[1], out.size() > 2 ? out[2] : at::Tensor(), out.size() > 2 ? out[3] : at::Tensor()};
+  if (out.size() == 2) return {out[0], out[1], at::Tensor(), at::Tensor()};
+  return {out[0], out[1], out[2].select(0, 0), out[2].select(0, 1)};
 }
 
 at::Tensor reduce(const at::Tensor& losses, Reduction reduction) {

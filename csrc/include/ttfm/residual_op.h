@@ -101,8 +101,9 @@ using ResidualKernel = void (*)(const ResidualTensors& t, double lambda_init, do
                                 const at::Tensor& grad_u_ss);
 
 // The functional op ttfm::itvm_residual_loss_fwd on one backend's kernel: returns [losses, terms], plus
-// [grad_u_st, grad_u_ss] when grad_losses is given (separate allocations: outputs of a functional op must not
-// alias each other).
+// grads (2, *u_st.shape) = {grad_u_st, grad_u_ss} when grad_losses is given: ONE allocation, because two separate
+// buffers of that size are returned to the system by glibc after every step and page-fault again in the next
+// (docs/performance.md).
 inline std::vector<at::Tensor> itvm_residual_loss_fwd_op(
     ResidualKernel kernel, const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
     const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
@@ -115,16 +116,15 @@ inline std::vector<at::Tensor> itvm_residual_loss_fwd_op(
   const auto options = coef.options();
   std::vector<at::Tensor> out{empty_output({u_st.sym_size(0)}, options),
                               empty_output({u_st.sym_size(0), 2}, options)};
-  at::Tensor grad_u_st, grad_u_ss;
+  at::Tensor grads;
   if (grad_losses.has_value()) {
-    grad_u_st = empty_output_like(u_st);
-    grad_u_ss = empty_output_like(u_st);
+    std::vector<c10::SymInt> sizes{2};
+    for (const c10::SymInt& size : u_st.sym_sizes()) sizes.push_back(size);
+    grads = empty_output(sizes, u_st.options());
   }
-  kernel(t, lambda_init, lambda_term, out[0], out[1], grad_losses, grad_u_st, grad_u_ss);
-  if (grad_losses.has_value()) {
-    out.push_back(grad_u_st);
-    out.push_back(grad_u_ss);
-  }
+  kernel(t, lambda_init, lambda_term, out[0], out[1], grad_losses, grads.defined() ? grads.select(0, 0) : grads,
+         grads.defined() ? grads.select(0, 1) : grads);
+  if (grads.defined()) out.push_back(grads);
   return out;
 }
 

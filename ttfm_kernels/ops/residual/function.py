@@ -72,7 +72,7 @@ def _residual_kernel_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, c
                           lambda_term, grad_losses):
     batch = u_st.shape[0]
     out = [coef.new_empty((batch,)), coef.new_empty((batch, 2))]
-    return out if grad_losses is None else [*out, torch.empty_like(u_st), torch.empty_like(u_st)]
+    return out if grad_losses is None else [*out, u_st.new_empty((2, *u_st.shape))]
 
 
 def _step_fake(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
