@@ -254,11 +254,11 @@ def test_opcheck_kernel_op(backend, num_groups, shape):
     t = make_inputs(num_groups, shape)
     params = [t[k].contiguous() for k in ("weight", "bias", "scale", "shift", "tscale", "tshift")]
     op = torch.ops.ttfm.norm_modulate_jvp if backend == "cpu" else torch.ops.ttfm.norm_modulate_jvp_triton
-    for tx, with_ty in ((t["tx"], True), (None, True), (None, False)):
-        for requires_grad in (False, True):
-            args = [a.detach().clone().requires_grad_(requires_grad) for a in (t["x"], *params)]
-            tx_arg = None if tx is None else tx.detach().clone().requires_grad_(requires_grad)
-            torch.library.opcheck(op.default, (args[0], tx_arg, *args[1:], num_groups or 0, 1e-5, True, with_ty))
+    for tx, with_ty, requires_grad in ((t["tx"], True, True), (t["tx"], True, False), (None, True, False),
+                                       (None, False, True)):
+        args = [a.detach().clone().requires_grad_(requires_grad) for a in (t["x"], *params)]
+        tx_arg = None if tx is None else tx.detach().clone().requires_grad_(requires_grad)
+        torch.library.opcheck(op.default, (args[0], tx_arg, *args[1:], num_groups or 0, 1e-5, True, with_ty))
 
 
 def test_bad_inputs():
