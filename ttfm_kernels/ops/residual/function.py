@@ -1,17 +1,27 @@
-"""Public entry points of the residual ops: validation, backend dispatch, autograd.
+"""Public entry points of the residual ops: validation, backend dispatch, forward AD (docs/design.md, "How to add
+an op").
 
 ``flow_map_step`` builds X_{s,t}(x) = x + (t - s) u; ``itvm_residual_loss`` is the ITVM loss from its
 residuals (docs/math.md section 2). Backends: "reference" (``reference.py``), "cpu" (``csrc/cpu/residual.cpp``) and
 "cuda" (``csrc/cuda/ttfm_cuda.cu``; compiled, not run on a GPU), both built on ``csrc/include/ttfm/residual.h``.
 
-The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp) with its
-autograd registered in C++, because a Python autograd wrapper cost more than the kernels at everyday sizes. One
-kernel pass computes the weighted per-sample losses; on CPU, when gradients are needed, the same pass writes them
-for a unit incoming gradient, which backward returns as they are (it recomputes them from the inputs for any
-other gradient, and always on CUDA, where checking the gradient's value would synchronise). It has
-no forward-AD rule and C++ autograd functions do not run under torch.func transforms, so a call carrying
-tangents or made inside torch.func.grad / vmap / jvp runs the reference formula. Non-contiguous inputs are copied
-to contiguous memory first. The same pass returns the two statistics (``return_terms``).
+Kernel ops (private, functional): ``ttfm::flow_map_step(x, u, s, t) -> y``, with its fake kernel and autograd
+registered here; ``ttfm::itvm_residual_loss_fwd(...) -> [losses, terms(, grads)]`` (grads = {grad_u_st, grad_u_ss}
+stacked), fake kernel here, no autograd (only the loss op calls it). ``flow_map_step`` is forward-AD aware by the
+pattern: dual inputs are unpacked, the kernel op computes the primal and, in up to two more calls, the tangent
+(tx + (t - s) tu, then + (tt - ts) u), and the result is made dual again.
+
+The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp, fake kernel
+here) with its autograd registered in C++: the one documented exception to registering autograd from Python
+(docs/design.md, "How to add an op"; measured in docs/performance.md: the same kernel and fusion with
+``torch.library.register_autograd`` cost 0.1 - 0.27 ms more per forward + backward at B = 64, D = 4096, next to
+0.36 ms). One kernel pass computes the weighted per-sample losses; on CPU, when gradients are needed, the same
+pass writes them for a unit incoming gradient, which backward returns as they are (it recomputes them from the
+inputs for any other gradient, and always on CUDA, where checking the gradient's value would synchronise). A loss
+has no fused tangent kernel (it is a reduction) and C++ autograd functions do not run under torch.func
+transforms, so a call carrying tangents or made inside torch.func.grad / vmap / jvp runs the reference formula,
+which carries them. Non-contiguous inputs are copied to contiguous memory first. The same pass returns the two
+statistics (``return_terms``).
 
 Mixed input dtypes (autocast: a bf16 student against fp32 targets) are accepted: the kernels read one dtype, so
 inputs of other dtypes are converted to the promoted dtype first (exact, one extra pass over those inputs only),
