@@ -193,7 +193,7 @@ def _fwd_backward(ctx: Any, g_o: Opt, g_t_o: Opt, g_lse: Opt, _g_mu: None, *, na
     return tuple(grads)
 
 
-#: backend -> (forward kernel op, its extra arguments after scale), and backend -> backward kernel op.
+#: backend -> its forward kernel op, and backend -> its backward kernel op (None: the extension is not loaded).
 _FWD_OPS = {name: _ext.kernel_op(op, fake=_fwd_fake, backward=functools.partial(_fwd_backward, name=name),
                                  setup_context=_fwd_setup_context, impl=impl)
             for name, op, impl in (("cpu", "jvp_attention_fwd", None),
