@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks.harness import peak_dram_bytes_per_s, peak_rss_mb
-from ttfm_kernels import itvm_residual_loss
+from ttfm_kernels import _ext, itvm_residual_loss
 from ttfm_kernels.ops.residual.reference import itvm_residual_loss_reference
 from ttfm_kernels.testing import assert_close_to_ref
 
@@ -84,6 +84,72 @@ def test_itvm_residual_loss_cpu(compare, dim: int) -> None:
                                                         dim=dim, dtype="float32"))
     res.check_speedup("cpu", floor=FLOOR_SPEEDUP[dim], goal=GOAL_SPEEDUP)
     assert res.extra["peak_rss_mb.cpu"] < res.extra["peak_rss_mb.eager"]
+
+
+@torch.library.custom_op("ttfm_bench::itvm_residual_loss", mutates_args=())
+def _python_registered(u_st: torch.Tensor, u_ss: torch.Tensor, v_s: torch.Tensor, target_a: torch.Tensor,
+                       target_b: torch.Tensor, coef: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss op as the Python-registered alternative to its C++ autograd (docs/design.md, "How to add an op"):
+    the same kernel op and the same fusion (the forward pass writes the gradients of a unit incoming gradient,
+    which backward returns), autograd through ``torch.library.register_autograd``. Returns (loss, grads)."""
+    batch = u_st.shape[0]
+    losses, _, grads = torch.ops.ttfm.itvm_residual_loss_fwd(
+        u_st, u_ss, v_s, target_a, target_b, coef, None, None, weight, 1.0, 1.0, torch.full_like(coef, 1 / batch))
+    return losses.mean(), grads
+
+
+@_python_registered.register_fake
+def _(u_st, u_ss, v_s, target_a, target_b, coef, weight):
+    return coef.new_empty(()), u_st.new_empty((2, *u_st.shape))
+
+
+def _python_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else backward first fills a zero gradient of grads (2, B, D)
+
+
+def _python_backward(ctx, grad, _g_grads):
+    (grads,) = ctx.saved_tensors
+    assert grad.item() == 1.0, "this benchmark candidate takes only loss.backward()"
+    return grads[0], grads[1], None, None, None, None, None
+
+
+_python_registered.register_autograd(_python_backward, setup_context=_python_setup_context)
+
+
+def _python_loss(*args: torch.Tensor, weight: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    return _python_registered(*args, weight)[0]
+
+
+#: (B, D) of the registration comparison: a tiny and a small model's outputs, the D the C++ autograd was kept for,
+#: and a large one where the memory pass dominates.
+REGISTRATION_SIZES = [(64, 768), (16, 4096), (64, 4096), (64, 65536)]
+
+
+@pytest.mark.skipif(not _ext.has_kernel("itvm_residual_loss_fwd", "CPU"), reason="C++ CPU kernel not built")
+@pytest.mark.parametrize(("batch", "dim"), REGISTRATION_SIZES)
+def test_itvm_residual_loss_autograd_registration(compare, batch: int, dim: int) -> None:
+    """The one op whose autograd is registered in C++ (docs/design.md): measured against the same kernel with its
+    autograd registered from Python, forward + backward; the exception stands while C++ stays faster."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(batch, dim, generator=gen) for _ in range(5)]
+    tensors[0].requires_grad_()
+    tensors[1].requires_grad_()
+    coef = -torch.rand(batch, generator=gen)
+    weight = torch.rand(batch, generator=gen) + 0.5
+    fns = {name: (lambda fn=fn: _step(fn, tensors, coef, weight))
+           for name, fn in (("python", _python_loss), ("cpp", _methods("cpu")["cpu"]))}
+
+    def check() -> None:
+        for got, ref in zip(fns["python"](), fns["cpp"](), strict=True):
+            assert_close_to_ref(got, ref)
+
+    res = compare(case=f"itvm_residual_loss autograd registration cpu B{batch} D{dim} fp32", fns=fns,
+                  baseline="python", check=check, rounds=10 if dim > 4096 else 100)
+    res.record("python_minus_cpp_ms", (res.median("python") - res.median("cpp")) * 1e3)
+    res.check_speedup("cpp", floor=0.8)
 
 
 @pytest.mark.gpu

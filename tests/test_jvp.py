@@ -90,8 +90,8 @@ def test_sdpa_model_takes_the_fused_attention_jvp(monkeypatch):
     import ttfm_kernels.ops.attention.function as attention_fn
 
     calls = []
-    fused = attention_fn._JvpAttentionFn.apply
-    monkeypatch.setattr(attention_fn._JvpAttentionFn, "apply", lambda *a: calls.append(1) or fused(*a))
+    fused = attention_fn._fused_forward
+    monkeypatch.setattr(attention_fn, "_fused_forward", lambda *a: calls.append(1) or fused(*a))
     x, s, t = _inputs()
     model = _SdpaModel()
     u, du = jvp_t(model, x, s, t)

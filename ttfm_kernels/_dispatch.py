@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _ext
 
@@ -40,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "OpBackends",
     "always",
+    "carries_tangent",
     "current_backend",
     "ext_kernel",
     "triton_kernel",
@@ -104,6 +106,15 @@ def warn_once(op: str, reason: str) -> None:
             return
         _warned.add((op, reason))
     warnings.warn(f"ttfm_kernels.{op}: {reason}", RuntimeWarning, stacklevel=4)
+
+
+def carries_tangent(*tensors: torch.Tensor | None) -> bool:
+    """True when a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``) rides on one of ``tensors``.
+
+    An op's explicit-tangent API sends such calls to its reference: a kernel op has no forward-AD rule and would
+    return a zero tangent silently (docs/design.md, "The forward-AD pattern").
+    """
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def always(device: torch.device, dtype: torch.dtype) -> str | None:

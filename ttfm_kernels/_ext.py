@@ -13,11 +13,13 @@ import importlib.machinery
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["EXTENSIONS", "has_kernel", "has_op", "load", "status"]
+__all__ = ["EXTENSIONS", "has_kernel", "has_op", "kernel_op", "load", "status"]
 
 EXTENSIONS = ("_C", "_C_vec", "_C_cuda")
 _status: dict[str, str | None] | None = None  # extension name -> None if loaded, else the reason
@@ -106,3 +108,24 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
     if found:
         _kernels_found.add((name, dispatch_key))
     return found
+
+
+def kernel_op(name: str, *, fake: Callable[..., Any], backward: Callable[..., Any] | None = None,
+              setup_context: Callable[..., None] | None = None,
+              impl: Callable[..., Any] | None = None) -> Any | None:
+    """Register the private functional kernel op ``ttfm::<name>``: its fake kernel and, given ``backward``, its
+    autograd (``torch.library.register_fake`` / ``register_autograd``; docs/design.md, "How to add an op").
+
+    With ``impl`` (a Python kernel launcher such as a Triton one) the op is defined here from ``impl``'s type hints
+    (``torch.library.custom_op``, no mutated arguments) for every device; without it the op is a compiled
+    extension's schema, registered only when a loaded extension declared it (registering a fake kernel of a
+    missing op raises). Returns ``torch.ops.ttfm.<name>``, or None when the compiled op is missing.
+    """
+    if impl is not None:
+        torch.library.custom_op(f"ttfm::{name}", impl, mutates_args=())
+    elif not has_op(name):
+        return None
+    torch.library.register_fake(f"ttfm::{name}", fake)
+    if backward is not None:
+        torch.library.register_autograd(f"ttfm::{name}", backward, setup_context=setup_context)
+    return getattr(torch.ops.ttfm, name)

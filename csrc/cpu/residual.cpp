@@ -1,19 +1,21 @@
 // The residual ops (docs/math.md sections 1-2): schemas for every backend, the CPU kernels, and the autograd of
 // the loss op users call. The per-element math and the per-sample reduction come from ttfm/residual.h, shared
-// with the CUDA kernels (csrc/cuda/ttfm_cuda.cu).
+// with the CUDA kernels (csrc/cuda/ttfm_cuda.cu); the functional op wrappers (check, allocate, run a backend's
+// kernel) from ttfm/residual_op.h.
 //
-// Ops:
-// - flow_map_step, itvm_residual_loss_fwd: private kernel ops writing into their output arguments, with CPU
-//   (here) and CUDA kernels. itvm_residual_loss_fwd writes the per-sample losses, optionally the per-sample
-//   unweighted means of both squared residuals (B, 2) and, given an incoming gradient of the losses, both
-//   gradients in the same pass. The terminal target is target_a + coef * target_b (+ coef_c * target_c when
-//   target_c is given), formed in the accumulation dtype.
+// Ops, all functional (inputs in, fresh outputs out; docs/design.md, "How to add an op"):
+// - flow_map_step -> out, itvm_residual_loss_fwd -> [losses, terms(, grads)]: private kernel ops
+//   with CPU (here) and CUDA kernels; their fake kernels and (flow_map_step) autograd are registered from Python
+//   (ttfm_kernels/ops/residual/function.py). itvm_residual_loss_fwd computes the per-sample losses, the
+//   per-sample unweighted means of both squared residuals (B, 2) and, given an incoming gradient of the losses,
+//   both gradients in the same pass (grads = {grad_u_st, grad_u_ss}, one (2, B, ...) tensor). The terminal target is target_a + coef * target_b (+ coef_c * target_c
+//   when target_c is given), formed in the accumulation dtype.
 // - itvm_residual_loss: the functional loss (per-sample losses, weights, reduction) and the two statistics
 //   (the unweighted means of r_I^2 and r_T^2 over the batch, from the same pass), with its autograd
 //   registered here in C++ at the Autograd key, calling the kernel op through the dispatcher so CPU and CUDA
-//   tensors share this code. C++ rather than torch.library.register_autograd because the Python autograd
-//   wrapper costs more per call than the kernels themselves at small sizes (docs/performance.md). No forward-AD
-//   rule: the Python entry point sends tangents to the reference formula.
+//   tensors share this code. The one documented exception to registering autograd from Python: the Python
+//   registration costs more per call than the kernels themselves at everyday sizes (docs/performance.md,
+//   docs/design.md). No forward-AD rule: the Python entry point computes tangents itself.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -44,10 +46,10 @@ constexpr int64_t kChunk = 16384;
 // Independent accumulators per chunk (vectorizable, and shorter summation chains for accuracy).
 constexpr int kLanes = 16;
 
-// out[b, :] = x[b, :] + (t[b] - s[b]) * u[b, :]; all of x, u, out contiguous (B, D) views.
-void flow_map_step_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t,
-                       at::Tensor& out) {
-  check_flow_map_step_args(x, u, s, t, out);
+// out[b, :] = x[b, :] + (t[b] - s[b]) * u[b, :]; all of x, u, out contiguous (B, D) views (checked by
+// flow_map_step_op).
+void flow_map_step_kernel(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t,
+                          const at::Tensor& out) {
   const int64_t batch = x.size(0);
   const int64_t dim = batch == 0 ? 0 : x.numel() / batch;
   const at::Tensor s64 = s.to(at::kDouble).contiguous();
@@ -71,6 +73,10 @@ void flow_map_step_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tenso
       }
     });
   });
+}
+
+at::Tensor flow_map_step_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t) {
+  return flow_map_step_op(&flow_map_step_kernel, x, u, s, t);
 }
 
 // Pointers to the (B, D) inputs of one residual call; target_c is null when the target has two terms.
@@ -199,20 +205,14 @@ Reduction parse_reduction(c10::string_view reduction) {
   return Reduction::kNone;
 }
 
-// losses[b] = weight[b] * (lambda_init * mean(r_I^2) + lambda_term * mean(r_T^2)) over sample b, and with
-// `terms` given terms[b] = {mean(r_I^2), mean(r_T^2)}. With grad_losses (B,) given, also grad_u_st, grad_u_ss =
-// d(sum_b grad_losses[b] * losses[b]) / d(u_st, u_ss), in the same pass over the inputs.
-void itvm_residual_loss_fwd_cpu(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
-                                const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
-                                const std::optional<at::Tensor>& target_c, const std::optional<at::Tensor>& coef_c,
-                                const std::optional<at::Tensor>& weight, double lambda_init, double lambda_term,
-                                const at::Tensor& losses, const std::optional<at::Tensor>& terms,
-                                const std::optional<at::Tensor>& grad_losses,
-                                const std::optional<at::Tensor>& grad_u_st,
-                                const std::optional<at::Tensor>& grad_u_ss) {
-  const ResidualTensors args{u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight};
-  check_residual_inputs(args);
-  check_residual_outputs(u_st, losses, terms, grad_losses, grad_u_st, grad_u_ss);
+// losses[b] = weight[b] * (lambda_init * mean(r_I^2) + lambda_term * mean(r_T^2)) over sample b and
+// terms[b] = {mean(r_I^2), mean(r_T^2)}. With grad_losses (B,) given, also grad_u_st, grad_u_ss =
+// d(sum_b grad_losses[b] * losses[b]) / d(u_st, u_ss), in the same pass over the inputs (a ResidualKernel).
+void itvm_residual_loss_kernel(const ResidualTensors& args, double lambda_init, double lambda_term,
+                               const at::Tensor& losses, const at::Tensor& terms,
+                               const std::optional<at::Tensor>& grad_losses, const at::Tensor& grad_u_st,
+                               const at::Tensor& grad_u_ss) {
+  const at::Tensor& u_st = args.u_st;
   const int64_t batch = u_st.size(0);
   const int64_t dim = u_st.numel() / batch;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u_st.scalar_type(), "itvm_residual_loss_fwd_cpu", [&] {
@@ -220,16 +220,25 @@ void itvm_residual_loss_fwd_cpu(const at::Tensor& u_st, const at::Tensor& u_ss, 
     const Inputs<scalar_t> in = inputs_of<scalar_t>(args);
     const Coefs<acc_t> co = coefs_of<acc_t>(args);
     acc_t* lp = losses.mutable_data_ptr<acc_t>();
-    acc_t* tp = terms.has_value() ? terms->mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* tp = terms.mutable_data_ptr<acc_t>();
     const bool grad = grad_losses.has_value();
-    const Grads<scalar_t> grads{grad ? grad_u_st->mutable_data_ptr<scalar_t>() : nullptr,
-                                grad ? grad_u_ss->mutable_data_ptr<scalar_t>() : nullptr};
+    const Grads<scalar_t> grads{grad ? grad_u_st.mutable_data_ptr<scalar_t>() : nullptr,
+                                grad ? grad_u_ss.mutable_data_ptr<scalar_t>() : nullptr};
     const acc_t* gp = grad ? grad_losses->const_data_ptr<acc_t>() : nullptr;
-    with_variant(grad, target_c.has_value(), [&](auto kGrads, auto kThree) {
+    with_variant(grad, args.target_c.has_value(), [&](auto kGrads, auto kThree) {
       cpu_residual_pass<kGrads, kThree, scalar_t, acc_t>(in, grads, co, gp, batch, dim, lambda_init, lambda_term, lp,
                                                          tp);
     });
   });
+}
+
+std::vector<at::Tensor> itvm_residual_loss_fwd_cpu(
+    const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s, const at::Tensor& target_a,
+    const at::Tensor& target_b, const at::Tensor& coef, const std::optional<at::Tensor>& target_c,
+    const std::optional<at::Tensor>& coef_c, const std::optional<at::Tensor>& weight, double lambda_init,
+    double lambda_term, const std::optional<at::Tensor>& grad_losses) {
+  return itvm_residual_loss_fwd_op(&itvm_residual_loss_kernel, u_st, u_ss, v_s, target_a, target_b, coef, target_c,
+                                   coef_c, weight, lambda_init, lambda_term, grad_losses);
 }
 
 // ---- itvm_residual_loss: the functional op and its autograd ----
@@ -243,13 +252,10 @@ bool is_plain_cpu(const at::Tensor& t) {
 
 // Uninitialised outputs for grad_u_st and grad_u_ss, contiguous and shaped like u_st, as the two halves of ONE
 // allocation: glibc returns two separate buffers of this size to the system after every step, and the next step
-// pays page faults to map them again (docs/performance.md). Plain CPU tensors get the halves without a torch op
-// (at::from_blob keeping the buffer's storage alive); traced and CUDA tensors through select and view.
+// pays page faults to map them again (docs/performance.md). For plain CPU tensors (cpu_loss), the halves come
+// without a torch op (at::from_blob keeping the buffer's storage alive; the kernel op uses select and view).
 std::tuple<at::Tensor, at::Tensor> gradient_buffers(const at::Tensor& u_st) {
   const at::Tensor both = empty_output({2, u_st.sym_numel()}, u_st.options());
-  if (!is_plain_cpu(u_st)) {
-    return {both[0].view_symint(u_st.sym_sizes()), both[1].view_symint(u_st.sym_sizes())};
-  }
   const int64_t bytes = u_st.numel() * u_st.element_size();
   auto half = [&](int64_t index) {
     return at::from_blob(static_cast<char*>(both.data_ptr()) + index * bytes, u_st.sizes(),
@@ -318,29 +324,24 @@ ForwardResult cpu_loss(const ResidualTensors& t, double lambda_init, double lamb
   return r;
 }
 
-// One pass of the kernel op: the weighted per-sample losses (B,) in coef's dtype, with `with_terms` the per-sample
-// means (B, 2) and, when grad_losses is defined, the gradients of sum_b grad_losses[b] * losses[b] (returned as
-// {losses, terms, grad_u_st, grad_u_ss}, undefined where not asked for).
+// One pass of the kernel op: the weighted per-sample losses (B,) in coef's dtype, the per-sample means (B, 2)
+// and, when grad_losses is defined, the gradients of sum_b grad_losses[b] * losses[b] (returned as
+// {losses, terms, grad_u_st, grad_u_ss}, the gradients undefined where not asked for).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_pass(const ResidualTensors& t,
                                                                          double lambda_init, double lambda_term,
-                                                                         const at::Tensor& grad_losses,
-                                                                         bool with_terms) {
+                                                                         const at::Tensor& grad_losses) {
   using OptTensor = std::optional<at::Tensor>;
   static const auto kernel =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ttfm::itvm_residual_loss_fwd", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, double,
-                      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&)>();
-  const auto options = t.coef.options();
-  at::Tensor losses = empty_output({t.u_st.sym_size(0)}, options);
-  at::Tensor terms = with_terms ? empty_output({t.u_st.sym_size(0), 2}, options) : at::Tensor();
-  at::Tensor grad_u_st, grad_u_ss;
-  if (grad_losses.defined()) std::tie(grad_u_st, grad_u_ss) = gradient_buffers(t.u_st);
-  auto opt = [](const at::Tensor& x) { return x.defined() ? OptTensor(x) : OptTensor(); };
-  kernel.call(t.u_st, t.u_ss, t.v_s, t.target_a, t.target_b, t.coef, t.target_c, t.coef_c, t.weight, lambda_init,
-              lambda_term, losses, opt(terms), opt(grad_losses), opt(grad_u_st), opt(grad_u_ss));
-  return {losses, terms, grad_u_st, grad_u_ss};
+          .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         const OptTensor&, double, double, const OptTensor&)>();
+  const std::vector<at::Tensor> out =
+      kernel.call(t.u_st, t.u_ss, t.v_s, t.target_a, t.target_b, t.coef, t.target_c, t.coef_c, t.weight, lambda_init,
+                  lambda_term, grad_losses.defined() ? OptTensor(grad_losses) : OptTensor());
+  if (out.size() == 2) return {out[0], out[1], at::Tensor(), at::Tensor()};
+  return {out[0], out[1], out[2].select(0, 0), out[2].select(0, 1)};
 }
 
 at::Tensor reduce(const at::Tensor& losses, Reduction reduction) {
@@ -379,7 +380,7 @@ bool is_unit_cpu_grad(const at::Tensor& grad) {
 ForwardResult loss_forward(const ResidualTensors& t, double lambda_init, double lambda_term, Reduction reduction,
                            bool unit_grads) {
   if (is_plain_cpu(t.u_st)) return cpu_loss(t, lambda_init, lambda_term, reduction, unit_grads);
-  const auto [losses, terms, g_st, g_ss] = residual_pass(t, lambda_init, lambda_term, at::Tensor(), true);
+  const auto [losses, terms, g_st, g_ss] = residual_pass(t, lambda_init, lambda_term, at::Tensor());
   return {reduce(losses, reduction), terms.select(1, 0).mean(), terms.select(1, 1).mean(), at::Tensor(),
           at::Tensor()};
 }
@@ -444,7 +445,7 @@ class ResidualLossFunction : public torch::autograd::Function<ResidualLossFuncti
       const at::Tensor grad_losses = per_sample_grad(grad, red, t.u_st.sym_size(0), t.coef.scalar_type());
       std::tie(std::ignore, std::ignore, grad_u_st, grad_u_ss) =
           residual_pass(t, ctx->saved_data["lambda_init"].toDouble(), ctx->saved_data["lambda_term"].toDouble(),
-                        grad_losses, /*with_terms=*/false);
+                        grad_losses);
     }
     torch::autograd::variable_list grads(12);
     if (ctx->needs_input_grad(0)) grads[0] = grad_u_st;
@@ -471,11 +472,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> itvm_residual_loss_autograd(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ttfm, m) {
-  m.def("flow_map_step(Tensor x, Tensor u, Tensor s, Tensor t, Tensor(a!) out) -> ()");
+  m.def("flow_map_step(Tensor x, Tensor u, Tensor s, Tensor t) -> Tensor");
   m.def("itvm_residual_loss_fwd(Tensor u_st, Tensor u_ss, Tensor v_s, Tensor target_a, Tensor target_b, "
         "Tensor coef, Tensor? target_c, Tensor? coef_c, Tensor? weight, float lambda_init, float lambda_term, "
-        "Tensor(a!) losses, Tensor(b!)? terms, Tensor? grad_losses, Tensor(c!)? grad_u_st, "
-        "Tensor(d!)? grad_u_ss) -> ()");
+        "Tensor? grad_losses) -> Tensor[]");
   m.def("itvm_residual_loss(Tensor u_st, Tensor u_ss, Tensor v_s, Tensor target_a, Tensor target_b, Tensor coef, "
         "Tensor? target_c, Tensor? coef_c, Tensor? weight, float lambda_init, float lambda_term, str reduction) "
         "-> (Tensor, Tensor, Tensor)");

@@ -60,12 +60,11 @@ __global__ void flow_map_step_kernel(const scalar_t* __restrict__ x, const scala
   }
 }
 
-void flow_map_step_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t,
-                        at::Tensor& out) {
-  check_flow_map_step_args(x, u, s, t, out);
+// A FlowMapStepKernel (ttfm/residual_op.h: flow_map_step_op checks and allocates).
+void flow_map_step_kernel_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t,
+                               const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.numel();
-  if (n == 0) return;
   const int64_t dim = n / x.size(0);
   const at::Tensor s64 = s.to(at::kDouble).contiguous();
   const at::Tensor t64 = t.to(at::kDouble).contiguous();
@@ -285,19 +284,14 @@ void launch_partial(const ResidualArgs<scalar_t, acc_t>& args, const GradArgs<sc
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The per-sample losses, the per-sample means when `terms` is given and, with grad_losses given, both gradients
-// in the same pass (see the CPU kernel).
-void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
-                                 const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
-                                 const std::optional<at::Tensor>& target_c, const std::optional<at::Tensor>& coef_c,
-                                 const std::optional<at::Tensor>& weight, double lambda_init, double lambda_term,
-                                 const at::Tensor& losses, const std::optional<at::Tensor>& terms,
-                                 const std::optional<at::Tensor>& grad_losses,
-                                 const std::optional<at::Tensor>& grad_u_st,
-                                 const std::optional<at::Tensor>& grad_u_ss) {
-  const ResidualTensors tensors{u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight};
-  check_residual_inputs(tensors);
-  check_residual_outputs(u_st, losses, terms, grad_losses, grad_u_st, grad_u_ss);
+// The per-sample losses and means and, with grad_losses given, both gradients in the same pass (a ResidualKernel,
+// see the CPU kernel; itvm_residual_loss_fwd_op checks and allocates).
+void itvm_residual_loss_kernel_cuda(const ResidualTensors& tensors, double lambda_init, double lambda_term,
+                                    const at::Tensor& losses, const at::Tensor& terms,
+                                    const std::optional<at::Tensor>& grad_losses, const at::Tensor& grad_u_st,
+                                    const at::Tensor& grad_u_ss) {
+  const at::Tensor& u_st = tensors.u_st;
+  const at::Tensor& coef = tensors.coef;
   const c10::cuda::CUDAGuard guard(u_st.device());
   const int64_t batch = u_st.size(0);
   const int64_t dim = u_st.numel() / batch;
@@ -315,8 +309,8 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
     const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
     if (grad_losses.has_value()) {
       const GradArgs<scalar_t, acc_t> grads{grad_losses->const_data_ptr<acc_t>(),
-                                            grad_u_st->mutable_data_ptr<scalar_t>(),
-                                            grad_u_ss->mutable_data_ptr<scalar_t>()};
+                                            grad_u_st.mutable_data_ptr<scalar_t>(),
+                                            grad_u_ss.mutable_data_ptr<scalar_t>()};
       if (can_pack(args) && can_pack<scalar_t>(dim, {grads.grad_u_st, grads.grad_u_ss})) {
         launch_partial<true, vec>(args, grads, partial, chunk, grid, stream);
       } else {
@@ -331,10 +325,22 @@ void itvm_residual_loss_fwd_cuda(const at::Tensor& u_st, const at::Tensor& u_ss,
       }
     }
     residual_finish_kernel<<<static_cast<unsigned>(batch), kWarpSize, 0, stream>>>(
-        args, partial, chunks, losses.mutable_data_ptr<acc_t>(),
-        terms.has_value() ? terms->mutable_data_ptr<acc_t>() : nullptr);
+        args, partial, chunks, losses.mutable_data_ptr<acc_t>(), terms.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor flow_map_step_cuda(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s, const at::Tensor& t) {
+  return flow_map_step_op(&flow_map_step_kernel_cuda, x, u, s, t);
+}
+
+std::vector<at::Tensor> itvm_residual_loss_fwd_cuda(
+    const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s, const at::Tensor& target_a,
+    const at::Tensor& target_b, const at::Tensor& coef, const std::optional<at::Tensor>& target_c,
+    const std::optional<at::Tensor>& coef_c, const std::optional<at::Tensor>& weight, double lambda_init,
+    double lambda_term, const std::optional<at::Tensor>& grad_losses) {
+  return itvm_residual_loss_fwd_op(&itvm_residual_loss_kernel_cuda, u_st, u_ss, v_s, target_a, target_b, coef,
+                                   target_c, coef_c, weight, lambda_init, lambda_term, grad_losses);
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.ops.test_attention import _oracle
-from ttfm_kernels import _alloc, _ext, attention, jvp_attention
+from ttfm_kernels import _ext, attention, jvp_attention
 from ttfm_kernels.testing import assert_close_to_ref, assert_nontrivial
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("jvp_attention_fwd", "CPU"),
@@ -27,11 +27,10 @@ TANGENTS = {"all": (1, 1, 1), "q": (1, 0, 0), "k": (0, 1, 0), "v": (0, 0, 1), "q
 
 
 def run_kernel(q, k, v, tq, tk, tv, *, causal, scale, block_q=0, block_k=0, bf16_gemm=-1):
-    """The raw op with NaN-filled outputs (TTFM_DEBUG_NAN_FILL=1 in tests), so every unwritten value fails."""
-    o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
-    lse, mu = (_alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device) for _ in range(2))
-    torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, block_q, block_k,
-                                     bf16_gemm)
+    """The raw kernel op; its outputs are NaN-filled (TTFM_DEBUG_NAN_FILL=1 in tests), so every unwritten value
+    fails."""
+    o, t_o, lse, _ = torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, block_q, block_k,
+                                                      bf16_gemm)
     return o, t_o, lse
 
 
@@ -133,36 +132,33 @@ def test_result_does_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def test_rejects_bad_arguments_before_writing():
+def test_rejects_bad_arguments():
     q, k, v, tq, tk, tv = make_inputs((1, 2, 8, 4), 8, torch.float32)
-    o, t_o, lse, mu = torch.zeros_like(q), torch.zeros_like(q), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
     op = torch.ops.ttfm.jvp_attention_fwd
     with pytest.raises(RuntimeError, match="tk has shape"):
-        op(q, k, v, tq, tk[:, :, :4], tv, False, 0.5, o, t_o, lse, mu)
+        op(q, k, v, tq, tk[:, :, :4], tv, False, 0.5)
     with pytest.raises(RuntimeError, match="tv has dtype"):
-        op(q, k, v, tq, tk, tv.double(), False, 0.5, o, t_o, lse, mu)
+        op(q, k, v, tq, tk, tv.double(), False, 0.5)
     with pytest.raises(RuntimeError, match="k must have a unit last stride"):
-        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, tq, tk, tv, False, 0.5, o, t_o, lse, mu)
-    with pytest.raises(RuntimeError, match="lse must be"):
-        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse.double(), mu)
+        op(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, tq, tk, tv, False, 0.5)
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
-        op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5, o.half(), t_o.half(), lse, mu)
+        op(*(t.half() for t in (q, k, v, tq, tk, tv)), False, 0.5)
     with pytest.raises(RuntimeError, match="bf16_gemm must be"):
-        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, mu, 0, 0, 2)
+        op(q, k, v, tq, tk, tv, False, 0.5, 0, 0, 2)
     with pytest.raises(RuntimeError, match="block sizes"):
-        op(q, k, v, tq, tk, tv, False, 0.5, o, t_o, lse, mu, -1, 0)
+        op(q, k, v, tq, tk, tv, False, 0.5, -1, 0)
     with pytest.raises(RuntimeError, match="no keys"):
-        op(q, k[:, :, :0], v[:, :, :0], tq, None, None, False, 0.5, o, t_o, lse, mu)
+        op(q, k[:, :, :0], v[:, :, :0], tq, None, None, False, 0.5)
     with pytest.raises(RuntimeError, match="head dim"):
-        op(*(t[..., :0] for t in (q, k, v, tq, tk, tv)), False, 0.5, o[..., :0], t_o[..., :0], lse, mu)
-    assert not o.any() and not t_o.any() and not lse.any()
+        op(*(t[..., :0] for t in (q, k, v, tq, tk, tv)), False, 0.5)
 
 
-def test_opcheck_schema_and_fake_kernel():
-    q, k, v, tq, tk, tv = make_inputs((1, 2, 12, 8), 10, torch.float32, (1, 0, 1))
-    args = (q, k, v, tq, tk, tv, True, 0.3, torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 12),
-            torch.empty(1, 2, 12), 4, 4)
-    torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd.default, args)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_kernel_op(requires_grad):
+    """Every opcheck check on the functional kernel op; with inputs requiring grad, its registered autograd."""
+    inputs = make_inputs((1, 2, 12, 8), 10, torch.float32, (1, 0, 1))
+    args = [None if t is None else t.requires_grad_(requires_grad) for t in inputs]
+    torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd.default, (*args, True, 0.3, 4, 4))
 
 
 @pytest.mark.parametrize("api", ["jvp_attention", "attention-under-func.jvp"])

@@ -157,3 +157,16 @@ def test_backward_configurations_and_fallback(monkeypatch):
     with pytest.warns(RuntimeWarning, match="fused backward of backend .triton. skipped"):
         got = torch.autograd.grad(t_o.sum(), args)
     assert_nontrivial(got[3], "grad tq")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_kernel_ops(requires_grad):
+    """Every opcheck check on the Triton forward kernel op (with inputs requiring grad: its registered autograd,
+    which runs the Triton backward op) and on the backward kernel op."""
+    q, k, v, tq, _, tv = (None if t is None else t.float() for t in make_inputs(1, 1, 20, 18, 8, (1, 0, 1)))
+    args = [None if t is None else t.requires_grad_(requires_grad) for t in (q, k, v, tq, None, tv)]
+    torch.library.opcheck(torch.ops.ttfm.jvp_attention_fwd_triton.default, (*args, True, 0.3))
+    if not requires_grad:
+        o, t_o, lse, mu = torch.ops.ttfm.jvp_attention_fwd_triton(q, k, v, tq, None, tv, True, 0.3)
+        torch.library.opcheck(torch.ops.ttfm.jvp_attention_bwd_triton.default,
+                              (q, k, v, tq, None, tv, o, t_o, lse, mu, torch.randn_like(q), None, None, True, 0.3))

@@ -247,14 +247,18 @@ def test_explicit_api_under_nested_forward_ad():
     assert_nontrivial(dty)
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 @pytest.mark.parametrize(("num_groups", "shape"), [LAYOUTS[0], LAYOUTS[1]])
-def test_opcheck_kernel_op(num_groups, shape):
+def test_opcheck_kernel_op(backend, num_groups, shape):
+    """Every check of opcheck on the functional kernel op of each backend, its registered autograd included."""
     t = make_inputs(num_groups, shape)
     params = [t[k].contiguous() for k in ("weight", "bias", "scale", "shift", "tscale", "tshift")]
-    for tx, ty in ((t["tx"], torch.empty(shape)), (None, torch.empty(shape)), (None, None)):
-        torch.library.opcheck(torch.ops.ttfm.norm_modulate_jvp.default,
-                              (t["x"], tx, *params, num_groups or 0, 1e-5, True, torch.empty(shape), ty))
+    op = torch.ops.ttfm.norm_modulate_jvp if backend == "cpu" else torch.ops.ttfm.norm_modulate_jvp_triton
+    for tx, with_ty, requires_grad in ((t["tx"], True, True), (t["tx"], True, False), (None, True, False),
+                                       (None, False, True)):
+        args = [a.detach().clone().requires_grad_(requires_grad) for a in (t["x"], *params)]
+        tx_arg = None if tx is None else tx.detach().clone().requires_grad_(requires_grad)
+        torch.library.opcheck(op.default, (args[0], tx_arg, *args[1:], num_groups or 0, 1e-5, True, with_ty))
 
 
 def test_bad_inputs():

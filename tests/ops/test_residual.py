@@ -334,19 +334,20 @@ def test_forward_ad_tangent_is_carried(api, which):
 
 @needs_cpu_kernel
 def test_opcheck_public_and_kernel_ops():
+    """Every check of opcheck (schema, fake kernel, autograd registration, aot_dispatch_dynamic) on the public
+    loss op (inputs requiring grad) and the functional kernel ops (flow_map_step: its Python autograd too)."""
     tensors, coef, w = make_inputs((3, 4, 5))
     grad_inputs = [x.clone().requires_grad_() for x in tensors[:2]] + tensors[2:]
     for weight, third in ((w, (tensors[3].clone(), coef * 2)), (None, (None, None))):
         for reduction in ("mean", "none"):
             torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss.default,
                                   (*grad_inputs, coef, *third, weight, 0.5, 2.0, reduction))
-        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
-                              (*tensors, coef, *third, weight, 0.5, 2.0, torch.empty(3), None, None, None, None))
-        torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
-                              (*tensors, coef, *third, weight, 0.5, 2.0, torch.empty(3), torch.empty(3, 2),
-                               torch.randn(3), torch.empty(3, 4, 5), torch.empty(3, 4, 5)))
-    torch.library.opcheck(torch.ops.ttfm.flow_map_step.default,
-                          (tensors[0], tensors[1], coef, coef * 2, torch.empty(3, 4, 5)))
+        for grad_losses in (None, torch.randn(3)):
+            torch.library.opcheck(torch.ops.ttfm.itvm_residual_loss_fwd.default,
+                                  (*tensors, coef, *third, weight, 0.5, 2.0, grad_losses))
+    for requires_grad in (False, True):
+        args = [x.clone().requires_grad_(requires_grad) for x in (tensors[0], tensors[1], coef, coef * 2)]
+        torch.library.opcheck(torch.ops.ttfm.flow_map_step.default, tuple(args))
 
 
 def _bad_calls():

@@ -18,8 +18,10 @@
 // query blocks outside and key blocks inside, with fp32 accumulators for dk, dv, dtk, dtv (Nk x D) in the
 // thread's scratch. Nothing is Nq x Nk.
 //
-// Every (B, H, N, D) tensor is read and written through its strides (the last one must be 1), so the
-// permuted / transposed views of attention layers reach the kernel without copies.
+// Every (B, H, N, D) input is read through its strides (the last one must be 1), so the permuted / transposed
+// views of attention layers reach the kernel without copies. Both ops are functional (docs/design.md, "How to
+// add an op"): they allocate their outputs (contiguous); fake kernels and autograd are registered from Python
+// (ttfm_kernels/ops/attention/function.py).
 // Compiled with the AVX2 CPU_CAPABILITY flags (setup.py) so at::vec::Vectorized<float> is 8 lanes wide.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,7 +33,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <vector>
+
+#include "ttfm/alloc.h"
 
 // Fortran BLAS (MKL inside libtorch_cpu exports it; at::native::cpublas::gemm is not exported). Called inside
 // at::parallel_for (an OpenMP region), MKL runs each call on the calling thread.
@@ -586,25 +592,13 @@ struct Checker {
   }
 };
 
-// The forward's tensors (the backward's inputs too): shapes, dtypes, unit last strides.
-void check_fwd_tensors(const Checker& c, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-                       const std::optional<at::Tensor>& tv, const at::Tensor& o, const at::Tensor& t_o,
-                       const at::Tensor& lse, const at::Tensor& mu) {
+// The forward's inputs (the backward's too): shapes, dtypes, unit last strides.
+void check_inputs(const Checker& c, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
+                  const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv) {
   c.qkv(k, v);
   c.like(tq, "tq", c.q);
   c.like(tk, "tk", k);
   c.like(tv, "tv", k);
-  c.like(o, "o", c.q);
-  c.like(t_o, "t_o", c.q);
-  c.rows(lse, "lse");
-  c.rows(mu, "mu");
-}
-
-void check_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
-               const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv, const at::Tensor& o,
-               const at::Tensor& t_o, const at::Tensor& lse, const at::Tensor& mu) {
-  check_fwd_tensors(Checker{"ttfm::jvp_attention_fwd", q}, k, v, tq, tk, tv, o, t_o, lse, mu);
 }
 
 // Default tiles: 64 query rows (enough work items to keep every thread busy) by up to 512 keys.
@@ -637,15 +631,19 @@ bool cpu_has_bf16_dot() {
 #endif
 }
 
-void jvp_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-                           const std::optional<at::Tensor>& tv, bool causal, double scale, at::Tensor& o,
-                           at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k,
-                           int64_t bf16_gemm) {
-  check_fwd(q, k, v, tq, tk, tv, o, t_o, lse, mu);
+// (o, t_o, lse, mu): o, t_o contiguous like q, lse and mu (B, H, Nq) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jvp_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
+    const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv, bool causal, double scale,
+    int64_t block_q, int64_t block_k, int64_t bf16_gemm) {
+  check_inputs(Checker{"ttfm::jvp_attention_fwd", q}, k, v, tq, tk, tv);
   const Shape s = make_shape("ttfm::jvp_attention_fwd", q, k, causal, scale, block_q, block_k, 64, 512);
-  if (lse.numel() == 0) return;  // no query rows
   TORCH_CHECK(bf16_gemm >= -1 && bf16_gemm <= 1, "ttfm::jvp_attention_fwd: bf16_gemm must be -1 (auto), 0 or 1");
+  at::Tensor o = empty_output(q.sym_sizes(), q.options()), t_o = empty_output(q.sym_sizes(), q.options());
+  const auto rows = q.sym_sizes().slice(0, 3);
+  at::Tensor lse = empty_output(rows, q.options().dtype(at::kFloat));
+  at::Tensor mu = empty_output(rows, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {o, t_o, lse, mu};  // no query rows
   if (q.scalar_type() == at::kFloat) {
     jvp_attention_fwd_impl<float, float>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
   } else if (bf16_gemm == 1 || (bf16_gemm == -1 && cpu_has_bf16_dot())) {
@@ -653,74 +651,44 @@ void jvp_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
   } else {
     jvp_attention_fwd_impl<BF16, float>(s, q, k, v, tq, tk, tv, o, t_o, lse, mu);
   }
+  return {o, t_o, lse, mu};
 }
 
-// The outputs are preallocated out arguments, so tracing (FakeTensor / torch.compile) needs only the checks.
-void jvp_attention_fwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-                            const std::optional<at::Tensor>& tv, bool causal, double scale, at::Tensor& o,
-                            at::Tensor& t_o, at::Tensor& lse, at::Tensor& mu, int64_t block_q, int64_t block_k,
-                            int64_t bf16_gemm) {
-  check_fwd(q, k, v, tq, tk, tv, o, t_o, lse, mu);
-}
-
-// Gradients of (o, t_o, lse) for every present input; the out tensor of an absent input must be absent.
-void check_bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
-               const std::optional<at::Tensor>& tk, const std::optional<at::Tensor>& tv, const at::Tensor& o,
-               const at::Tensor& t_o, const at::Tensor& lse, const at::Tensor& mu,
-               const std::optional<at::Tensor>& g_o, const std::optional<at::Tensor>& g_t_o,
-               const std::optional<at::Tensor>& g_lse, const at::Tensor& dq, const at::Tensor& dk,
-               const at::Tensor& dv, const std::optional<at::Tensor>& dtq, const std::optional<at::Tensor>& dtk,
-               const std::optional<at::Tensor>& dtv) {
+// [dq, dk, dv] and then the gradient of each given tangent (dtq, dtk, dtv in that order), contiguous.
+std::vector<at::Tensor> jvp_attention_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& tq,
+                                              const std::optional<at::Tensor>& tk,
+                                              const std::optional<at::Tensor>& tv, const at::Tensor& o,
+                                              const at::Tensor& t_o, const at::Tensor& lse, const at::Tensor& mu,
+                                              const std::optional<at::Tensor>& g_o,
+                                              const std::optional<at::Tensor>& g_t_o,
+                                              const std::optional<at::Tensor>& g_lse, bool causal, double scale,
+                                              int64_t block_q, int64_t block_k) {
   const Checker c{"ttfm::jvp_attention_bwd", q};
-  check_fwd_tensors(c, k, v, tq, tk, tv, o, t_o, lse, mu);
+  check_inputs(c, k, v, tq, tk, tv);
+  c.like(o, "o", q);
+  c.like(t_o, "t_o", q);
+  c.rows(lse, "lse");
+  c.rows(mu, "mu");
   c.like(g_o, "g_o", q);
   c.like(g_t_o, "g_t_o", q);
   if (g_lse.has_value()) c.rows(*g_lse, "g_lse");
-  c.like(dq, "dq", q);
-  c.like(dk, "dk", k);
-  c.like(dv, "dv", k);
-  c.like(dtq, "dtq", q);
-  c.like(dtk, "dtk", k);
-  c.like(dtv, "dtv", k);
-  auto paired = [](const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& d, const char* name) {
-    TORCH_CHECK(t.has_value() == d.has_value(), "ttfm::jvp_attention_bwd: ", name,
-                " must be given exactly when its tangent is");
-  };
-  paired(tq, dtq, "dtq");
-  paired(tk, dtk, "dtk");
-  paired(tv, dtv, "dtv");
-}
-
-void jvp_attention_bwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-                           const std::optional<at::Tensor>& tv, const at::Tensor& o, const at::Tensor& t_o,
-                           const at::Tensor& lse, const at::Tensor& mu, const std::optional<at::Tensor>& g_o,
-                           const std::optional<at::Tensor>& g_t_o, const std::optional<at::Tensor>& g_lse,
-                           bool causal, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                           const std::optional<at::Tensor>& dtq, const std::optional<at::Tensor>& dtk,
-                           const std::optional<at::Tensor>& dtv, int64_t block_q, int64_t block_k) {
-  check_bwd(q, k, v, tq, tk, tv, o, t_o, lse, mu, g_o, g_t_o, g_lse, dq, dk, dv, dtq, dtk, dtv);
   const Shape s = make_shape("ttfm::jvp_attention_bwd", q, k, causal, scale, block_q, block_k, 64, 256);
-  if (lse.numel() == 0) return;
+  std::vector<at::Tensor> grads;
+  std::vector<std::optional<at::Tensor>> outs;
+  for (const std::optional<at::Tensor>& t : {std::optional<at::Tensor>(q), std::optional<at::Tensor>(k),
+                                             std::optional<at::Tensor>(v), tq, tk, tv}) {
+    if (t.has_value()) grads.push_back(empty_output(t->sym_sizes(), t->options()));
+    outs.push_back(t.has_value() ? std::optional<at::Tensor>(grads.back()) : std::nullopt);
+  }
+  if (lse.numel() == 0) return grads;
   const std::vector<std::optional<at::Tensor>> ins{q, k, v, tq, tk, tv, o, t_o, g_o, g_t_o};
-  const std::vector<std::optional<at::Tensor>> outs{dq, dk, dv, dtq, dtk, dtv};
   if (q.scalar_type() == at::kFloat) {
     jvp_attention_bwd_impl<float>(s, ins, lse, mu, g_lse, outs);
   } else {
     jvp_attention_bwd_impl<c10::BFloat16>(s, ins, lse, mu, g_lse, outs);
   }
-}
-
-void jvp_attention_bwd_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& tq, const std::optional<at::Tensor>& tk,
-                            const std::optional<at::Tensor>& tv, const at::Tensor& o, const at::Tensor& t_o,
-                            const at::Tensor& lse, const at::Tensor& mu, const std::optional<at::Tensor>& g_o,
-                            const std::optional<at::Tensor>& g_t_o, const std::optional<at::Tensor>& g_lse,
-                            bool causal, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                            const std::optional<at::Tensor>& dtq, const std::optional<at::Tensor>& dtk,
-                            const std::optional<at::Tensor>& dtv, int64_t block_q, int64_t block_k) {
-  check_bwd(q, k, v, tq, tk, tv, o, t_o, lse, mu, g_o, g_t_o, g_lse, dq, dk, dv, dtq, dtk, dtv);
+  return grads;
 }
 
 }  // namespace
@@ -731,24 +699,19 @@ TORCH_LIBRARY_FRAGMENT(ttfm, m) {
   // bf16_gemm (bf16 inputs): 1 = bf16 GEMMs with fp32 accumulation, 0 = fp32 GEMMs on converted tiles,
   // -1 = 1 where the CPU has avx512_bf16 (tests force both).
   m.def("jvp_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, bool causal, "
-        "float scale, Tensor(a!) o, Tensor(b!) t_o, Tensor(c!) lse, Tensor(d!) mu, int block_q=0, "
-        "int block_k=0, int bf16_gemm=-1) -> ()");
-  // Gradients w.r.t. q, k, v and the present tangents from grad_o / grad_t_o / grad_lse (each optional),
-  // by recomputation from lse and mu (docs/math.md "Backward of the attention JVP").
+        "float scale, int block_q=0, int block_k=0, int bf16_gemm=-1) -> (Tensor o, Tensor t_o, Tensor lse, "
+        "Tensor mu)");
+  // Gradients w.r.t. q, k, v and then the present tangents ([dq, dk, dv, dtq?, dtk?, dtv?]) from grad_o /
+  // grad_t_o / grad_lse (each optional), by recomputation from lse and mu (docs/math.md "Backward of the
+  // attention JVP").
   m.def("jvp_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor o, "
         "Tensor t_o, Tensor lse, Tensor mu, Tensor? g_o, Tensor? g_t_o, Tensor? g_lse, bool causal, float scale, "
-        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? dtq, Tensor(e!)? dtk, Tensor(f!)? dtv, "
-        "int block_q=0, int block_k=0) -> ()");
+        "int block_q=0, int block_k=0) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ttfm, CPU, m) {
   m.impl("jvp_attention_fwd", &jvp_attention_fwd_cpu);
   m.impl("jvp_attention_bwd", &jvp_attention_bwd_cpu);
-}
-
-TORCH_LIBRARY_IMPL(ttfm, Meta, m) {
-  m.impl("jvp_attention_fwd", &jvp_attention_fwd_meta);
-  m.impl("jvp_attention_bwd", &jvp_attention_bwd_meta);
 }
 
 }  // namespace ttfm

@@ -7,6 +7,8 @@
 // coefficients:   y = A xc + B,   ty = A tc + D xc + E,   then z = y sigmoid(y), tz = ty sigmoid(y) (1 + y (1 - sigmoid(y)))
 // The small parameters (weight, bias, scale, shift, tscale, tshift) arrive in the accumulation type
 // (float, or double for double inputs), contiguous; the wrapper fills absent ones with 1 / 0.
+// The op is functional (docs/design.md, "How to add an op"): it returns [y], or [y, ty] with with_ty; its fake
+// kernel and autograd are registered from Python (ttfm_kernels/ops/norm/function.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +21,8 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#include "ttfm/alloc.h"
 
 namespace ttfm {
 namespace {
@@ -217,15 +221,15 @@ void run_rows(const scalar_t* xp, const scalar_t* txp, scalar_t* yp, scalar_t* t
   });
 }
 
-void norm_modulate_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& tx, const at::Tensor& weight,
-                           const at::Tensor& bias, const at::Tensor& scale, const at::Tensor& shift,
-                           const at::Tensor& tscale, const at::Tensor& tshift, int64_t num_groups, double eps,
-                           bool silu, at::Tensor& y, const std::optional<at::Tensor>& ty) {
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "ttfm::norm_modulate_jvp: x and y must be contiguous");
+std::vector<at::Tensor> norm_modulate_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>& tx,
+                                              const at::Tensor& weight, const at::Tensor& bias,
+                                              const at::Tensor& scale, const at::Tensor& shift,
+                                              const at::Tensor& tscale, const at::Tensor& tshift, int64_t num_groups,
+                                              double eps, bool silu, bool with_ty) {
+  TORCH_CHECK(x.is_contiguous(), "ttfm::norm_modulate_jvp: x must be contiguous");
   TORCH_CHECK(!tx || (tx->is_contiguous() && tx->sizes() == x.sizes() && tx->scalar_type() == x.scalar_type()),
               "ttfm::norm_modulate_jvp: tx must be contiguous and like x");
-  TORCH_CHECK(!ty || (ty->is_contiguous() && ty->sizes() == x.sizes()), "ttfm::norm_modulate_jvp: ty must be like x");
-  TORCH_CHECK(!tx || ty, "ttfm::norm_modulate_jvp: a tangent input needs a ty output");
+  TORCH_CHECK(!tx || with_ty, "ttfm::norm_modulate_jvp: a tangent input needs with_ty");
   const bool layer_norm = num_groups == 0;
   TORCH_CHECK(layer_norm ? x.dim() == 3 : x.dim() == 4, "ttfm::norm_modulate_jvp: x must be (B, N, C) or (B, C, H, W)");
   const int64_t batch = x.size(0);
@@ -247,14 +251,18 @@ void norm_modulate_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const int64_t ch_per_row = layer_norm ? 0 : channels / num_groups;
   const Params params{weight.const_data_ptr(), bias.const_data_ptr(), scale.const_data_ptr(),
                       shift.const_data_ptr(), tscale.const_data_ptr(), tshift.const_data_ptr()};
-  const bool has_tx = tx.has_value(), has_ty = ty.has_value();
+  const bool has_tx = tx.has_value();
+  std::vector<at::Tensor> out{empty_output_like(x)};
+  if (with_ty) out.push_back(empty_output_like(x));
+  const at::Tensor& y = out[0];
 
   const RowLayout layout{len, hw, rows_per_sample, ch_per_row, channels, layer_norm};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_modulate_jvp_cpu", [&] {
     run_rows<scalar_t>(x.const_data_ptr<scalar_t>(), has_tx ? tx->const_data_ptr<scalar_t>() : nullptr,
-                       y.mutable_data_ptr<scalar_t>(), has_ty ? ty->mutable_data_ptr<scalar_t>() : nullptr, rows,
+                       y.mutable_data_ptr<scalar_t>(), with_ty ? out[1].mutable_data_ptr<scalar_t>() : nullptr, rows,
                        layout, params, eps, silu);
   });
+  return out;
 }
 
 }  // namespace
@@ -262,7 +270,7 @@ void norm_modulate_jvp_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 TORCH_LIBRARY_FRAGMENT(ttfm, m) {
   m.def(
       "norm_modulate_jvp(Tensor x, Tensor? tx, Tensor weight, Tensor bias, Tensor scale, Tensor shift, "
-      "Tensor tscale, Tensor tshift, int num_groups, float eps, bool silu, Tensor(a!) y, Tensor(b!)? ty) -> ()");
+      "Tensor tscale, Tensor tshift, int num_groups, float eps, bool silu, bool with_ty) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ttfm, CPU, m) {

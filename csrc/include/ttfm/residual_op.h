@@ -1,4 +1,6 @@
-// Host-side argument checks of the residual kernel ops, shared by the CPU and CUDA implementations.
+// Host-side argument checks and output allocation of the residual kernel ops, shared by the CPU and CUDA
+// implementations. The ops are functional (inputs in, fresh outputs out: docs/design.md, "How to add an op"):
+// each backend supplies a kernel writing into outputs, and the *_op functions below check, allocate and call it.
 // The Python entry points (ttfm_kernels/ops/residual/function.py) validate user input with clear messages;
 // these checks guard the private kernel ops against a wrong call from Python.
 #pragma once
@@ -8,22 +10,34 @@
 
 #include <initializer_list>
 #include <optional>
+#include <vector>
+
+#include "ttfm/alloc.h"
 
 namespace ttfm {
 
-// x, u, out of flow_map_step: same shape, dtype and device, contiguous; s, t of shape (B,).
+// x, u of flow_map_step: same shape, dtype and device, contiguous; s, t of shape (B,).
 inline void check_flow_map_step_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s,
-                                     const at::Tensor& t, const at::Tensor& out) {
+                                     const at::Tensor& t) {
   TORCH_CHECK(x.dim() >= 1, "ttfm::flow_map_step: x must be (B, ...)");
-  for (const at::Tensor* other : {&u, &out}) {
-    TORCH_CHECK(other->sizes() == x.sizes() && other->scalar_type() == x.scalar_type() &&
-                    other->device() == x.device(),
-                "ttfm::flow_map_step: u and out must match x in shape, dtype and device");
-  }
-  TORCH_CHECK(x.is_contiguous() && u.is_contiguous() && out.is_contiguous(),
-              "ttfm::flow_map_step: x, u and out must be contiguous");
+  TORCH_CHECK(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type() && u.device() == x.device(),
+              "ttfm::flow_map_step: u must match x in shape, dtype and device");
+  TORCH_CHECK(x.is_contiguous() && u.is_contiguous(), "ttfm::flow_map_step: x and u must be contiguous");
   TORCH_CHECK(s.dim() == 1 && s.size(0) == x.size(0) && t.dim() == 1 && t.size(0) == x.size(0),
               "ttfm::flow_map_step: s and t must have shape (B,)");
+}
+
+// A backend's flow_map_step kernel: writes out = x + (t - s) u into the contiguous `out` shaped like x.
+using FlowMapStepKernel = void (*)(const at::Tensor& x, const at::Tensor& u, const at::Tensor& s,
+                                   const at::Tensor& t, const at::Tensor& out);
+
+// The functional op ttfm::flow_map_step on one backend's kernel: checks, allocates the output, runs the kernel.
+inline at::Tensor flow_map_step_op(FlowMapStepKernel kernel, const at::Tensor& x, const at::Tensor& u,
+                                   const at::Tensor& s, const at::Tensor& t) {
+  check_flow_map_step_args(x, u, s, t);
+  at::Tensor out = empty_output_like(x);
+  if (x.numel() > 0) kernel(x, u, s, t, out);
+  return out;
 }
 
 // Each tensor must match u_st in shape, dtype and device and be contiguous.
@@ -78,27 +92,40 @@ inline void check_residual_inputs(const ResidualTensors& t) {
   if (t.weight.has_value()) check_per_sample_of(t.u_st, {&*t.weight});
 }
 
-// The outputs of itvm_residual_loss_fwd: losses (B,); terms (B, 2) if given; grad_losses (B,), grad_u_st and
-// grad_u_ss (like u_st) given together or not at all.
-inline void check_residual_outputs(const at::Tensor& u_st, const at::Tensor& losses,
-                                   const std::optional<at::Tensor>& terms,
-                                   const std::optional<at::Tensor>& grad_losses,
-                                   const std::optional<at::Tensor>& grad_u_st,
-                                   const std::optional<at::Tensor>& grad_u_ss) {
-  check_per_sample_of(u_st, {&losses});
-  if (terms.has_value()) {
-    TORCH_CHECK(terms->dim() == 2 && terms->size(0) == u_st.size(0) && terms->size(1) == 2 &&
-                    terms->scalar_type() == losses.scalar_type() && terms->device() == u_st.device() &&
-                    terms->is_contiguous(),
-                "ttfm::itvm_residual_loss: terms must be a contiguous (B, 2) tensor like losses");
+// A backend's residual kernel: the per-sample losses (B,) and means {init, term} (B, 2) into `losses` and
+// `terms` and, with grad_losses given, the gradients of sum_b grad_losses[b] * losses[b] into grad_u_st and
+// grad_u_ss (shaped like u_st; undefined without grad_losses), all in one pass over the inputs.
+using ResidualKernel = void (*)(const ResidualTensors& t, double lambda_init, double lambda_term,
+                                const at::Tensor& losses, const at::Tensor& terms,
+                                const std::optional<at::Tensor>& grad_losses, const at::Tensor& grad_u_st,
+                                const at::Tensor& grad_u_ss);
+
+// The functional op ttfm::itvm_residual_loss_fwd on one backend's kernel: returns [losses, terms], plus
+// grads (2, *u_st.shape) = {grad_u_st, grad_u_ss} when grad_losses is given: ONE allocation, because two separate
+// buffers of that size are returned to the system by glibc after every step and page-fault again in the next
+// (docs/performance.md).
+inline std::vector<at::Tensor> itvm_residual_loss_fwd_op(
+    ResidualKernel kernel, const at::Tensor& u_st, const at::Tensor& u_ss, const at::Tensor& v_s,
+    const at::Tensor& target_a, const at::Tensor& target_b, const at::Tensor& coef,
+    const std::optional<at::Tensor>& target_c, const std::optional<at::Tensor>& coef_c,
+    const std::optional<at::Tensor>& weight, double lambda_init, double lambda_term,
+    const std::optional<at::Tensor>& grad_losses) {
+  const ResidualTensors t{u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight};
+  check_residual_inputs(t);
+  if (grad_losses.has_value()) check_per_sample_of(u_st, {&*grad_losses});
+  const auto options = coef.options();
+  std::vector<at::Tensor> out{empty_output({u_st.sym_size(0)}, options),
+                              empty_output({u_st.sym_size(0), 2}, options)};
+  at::Tensor grads;
+  if (grad_losses.has_value()) {
+    std::vector<c10::SymInt> sizes{2};
+    for (const c10::SymInt& size : u_st.sym_sizes()) sizes.push_back(size);
+    grads = empty_output(sizes, u_st.options());
   }
-  const bool grads = grad_losses.has_value();
-  TORCH_CHECK(grad_u_st.has_value() == grads && grad_u_ss.has_value() == grads,
-              "ttfm::itvm_residual_loss: grad_losses, grad_u_st and grad_u_ss must be given together");
-  if (grads) {
-    check_per_sample_of(u_st, {&*grad_losses});
-    check_like_u_st(u_st, {&*grad_u_st, &*grad_u_ss});
-  }
+  kernel(t, lambda_init, lambda_term, out[0], out[1], grad_losses, grads.defined() ? grads.select(0, 0) : grads,
+         grads.defined() ? grads.select(0, 1) : grads);
+  if (grads.defined()) out.push_back(grads);
+  return out;
 }
 
 }  // namespace ttfm

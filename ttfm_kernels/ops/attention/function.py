@@ -1,20 +1,22 @@
 """Public entry points of the attention ops: validation, backend dispatch, autograd and forward-mode AD.
 
 ``jvp_attention`` (explicit tangents in, tangents out) and ``attention`` (a forward-AD-aware drop-in for
-``F.scaled_dot_product_attention``) share one autograd function: its forward runs ONE fused pass that writes
-o, t_o and lse; its backward gives exact gradients through both outputs (LFMD needs them). On the "cpu" and
-"triton" backends the backward is fused and O(N)-memory (``ttfm::jvp_attention_bwd``, or the Triton backward
-kernels: recomputation from lse and mu, docs/math.md "Backward of the attention JVP"); it falls back to
-recomputing the explicit formula (``reference.py``, which materialises (Nq, Nk)) for the reference backend, for
-a GPU head dim without a backward configuration (one warning) and for double backward
-(``create_graph=True``: the fused backward is not itself differentiable). Backends: "reference", "cpu"
-(``csrc/cpu/vec/attention.cpp``, private ops ``ttfm::jvp_attention_fwd`` / ``_bwd``) and "triton" (``triton.py``;
-CUDA tensors, or CPU under ``TRITON_INTERPRET=1``); both read any strides with a unit last stride.
+``F.scaled_dot_product_attention``) share the private functional kernel ops (docs/design.md, "How to add an op"):
+``ttfm::jvp_attention_fwd`` (C++, ``csrc/cpu/vec/attention.cpp``) and ``ttfm::jvp_attention_fwd_triton``
+(``triton.py``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``(q, k, v, tq?, tk?, tv?, causal, scale, ...)
+-> (o, t_o, lse, mu)`` in ONE fused pass, with one fake kernel and one autograd registered on both. Their backward
+gives exact gradients through o, t_o and lse (LFMD needs them): fused and O(N)-memory through the backward kernel
+ops ``ttfm::jvp_attention_bwd`` / ``ttfm::jvp_attention_bwd_triton`` (recomputation from lse and mu, docs/math.md
+"Backward of the attention JVP"; fake kernels, no autograd), or by recomputing the explicit formula
+(``reference.py``, which materialises (Nq, Nk)) for a GPU head dim without a backward configuration (one warning)
+and for double backward (``create_graph=True``: the fused backward is not itself differentiable). The "reference"
+backend is that formula itself. Both kernels read any strides with a unit last stride; outputs are contiguous.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any
@@ -23,9 +25,17 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from ttfm_kernels import _alloc
+from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_rank
-from ttfm_kernels._dispatch import BackendUnavailableError, OpBackends, always, ext_kernel, triton_kernel, warn_once
+from ttfm_kernels._dispatch import (
+    BackendUnavailableError,
+    OpBackends,
+    always,
+    carries_tangent,
+    ext_kernel,
+    triton_kernel,
+    warn_once,
+)
 from ttfm_kernels._precision import autocast_inputs, no_autocast
 from ttfm_kernels.ops.attention.reference import jvp_attention_reference
 
@@ -45,7 +55,8 @@ _CPU_BF16_GEMM = -1
 _LAYOUT = "(B, H, N, D)"
 # Captured at import: code that reassigns F.scaled_dot_product_attention to ``attention`` cannot recurse.
 _SDPA = F.scaled_dot_product_attention
-Tangents = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+Opt = torch.Tensor | None
+Tangents = tuple[Opt, Opt, Opt]
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
@@ -86,54 +97,45 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tangents: Tangents,
-                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One pass of backend ``name``: (o, t_o, lse, mu) with o, t_o like q (contiguous) and lse (B, H, Nq) float32;
-    mu (B, H, Nq) float32, the per-row mean of the score tangent, is written by the "cpu" and "triton" backends
-    (None on "reference"), for their fused backward."""
-    if name == "reference":
-        with no_autocast(q.device):
-            o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
-        return o, t_o, lse.float(), None
-    o, t_o = _alloc.empty_like(q), _alloc.empty_like(q)
-    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    if name == "cpu":
-        mu = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        q, k, v, tq, tk, tv = (_unit_last(t) for t in (q, k, v, *tangents))
-        torch.ops.ttfm.jvp_attention_fwd(q, k, v, tq, tk, tv, causal, scale, o, t_o, lse, mu, *_CPU_TILES,
-                                         _CPU_BF16_GEMM)
-        return o, t_o, lse, mu
+def _contiguous_like(t: torch.Tensor, dtype: torch.dtype | None = None,
+                     shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    return _alloc.empty(t.shape if shape is None else shape, dtype=t.dtype if dtype is None else dtype,
+                        device=t.device)
+
+
+def _fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Opt, tk: Opt, tv: Opt, causal: bool,
+              scale: float, *options: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = tuple(q.shape[:3])
+    return (_contiguous_like(q), _contiguous_like(q), _contiguous_like(q, torch.float32, rows),
+            _contiguous_like(q, torch.float32, rows))
+
+
+def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Opt, tk: Opt, tv: Opt, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton forward kernel op's implementation."""
     from ttfm_kernels.ops.attention.triton import jvp_attention_fwd_triton
 
-    mu = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    q, k, v, tq, tk, tv = (_unit_last(t) for t in (q, k, v, *tangents))
+    o, t_o, lse, mu = _fwd_fake(q, k, v, tq, tk, tv, causal, scale)
     jvp_attention_fwd_triton(q, k, v, tq, tk, tv, o, t_o, lse, mu, causal=causal, scale=scale)
     return o, t_o, lse, mu
 
 
-def _fused_backward(name: str, saved: tuple, grads: Tangents, causal: bool,
-                    scale: float) -> list[torch.Tensor | None]:
-    """Gradients (q, k, v, tq, tk, tv) from the fused backward of backend ``name`` ("cpu" or "triton"); None for
-    an absent tangent.
+def _bwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Opt, tk: Opt, tv: Opt,
+              *rest: Any) -> list[torch.Tensor]:
+    return [_contiguous_like(t) for t in (q, k, v, tq, tk, tv) if t is not None]
 
-    ``saved``: (q, k, v, tq, tk, tv, o, t_o, lse, mu) of the forward; ``grads``: (g_o, g_t_o, g_lse), any None.
-    Eager equivalent: ``torch.autograd.grad`` through ``jvp_attention_reference``, without its (Nq, Nk) tensors.
-    """
-    q, k, v, tq, tk, tv, o, t_o, lse, mu = saved
-    g_o, g_t_o, g_lse = grads
-    outs = [None if t is None else _alloc.empty_like(t) for t in (q, k, v, tq, tk, tv)]
-    g_lse = None if g_lse is None else g_lse.float().contiguous()
-    inputs = [_unit_last(t) for t in (q, k, v, tq, tk, tv)]
-    g_o, g_t_o = _unit_last(g_o), _unit_last(g_t_o)
-    if name == "cpu":
-        torch.ops.ttfm.jvp_attention_bwd(*inputs, o, t_o, lse, mu, g_o, g_t_o, g_lse, causal, scale, *outs,
-                                         *_CPU_TILES)
-    else:
-        from ttfm_kernels.ops.attention.triton import jvp_attention_bwd_triton
 
-        jvp_attention_bwd_triton(tuple(inputs), o, t_o, lse, mu, (g_o, g_t_o, g_lse), outs, causal=causal,
-                                 scale=scale)
-    return outs
+def _bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Opt, tk: Opt, tv: Opt, o: torch.Tensor,
+                t_o: torch.Tensor, lse: torch.Tensor, mu: torch.Tensor, g_o: Opt, g_t_o: Opt, g_lse: Opt,
+                causal: bool, scale: float) -> list[torch.Tensor]:
+    """The Triton backward kernel op's implementation: [dq, dk, dv] and the gradient of each given tangent."""
+    from ttfm_kernels.ops.attention.triton import jvp_attention_bwd_triton
+
+    found = iter(_bwd_fake(q, k, v, tq, tk, tv))
+    outs = [next(found) if t is not None else None for t in (q, k, v, tq, tk, tv)]
+    jvp_attention_bwd_triton((q, k, v, tq, tk, tv), o, t_o, lse, mu, (g_o, g_t_o, g_lse), outs, causal=causal,
+                             scale=scale)
+    return [t for t in outs if t is not None]
 
 
 def _backward_unsupported(name: str, q: torch.Tensor) -> str | None:
@@ -145,58 +147,73 @@ def _backward_unsupported(name: str, q: torch.Tensor) -> str | None:
     return backward_unsupported(q.device, q.dtype, q.shape[-1])
 
 
-class _JvpAttentionFn(torch.autograd.Function):
-    """(q, k, v, tq, tk, tv) -> (o, t_o, lse, mu) in one fused pass (mu: the fused backends' backward statistic,
-    not differentiable, None on "reference"); backward: the fused kernels or the explicit formula."""
+def _fwd_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, tq, tk, tv, causal, scale = inputs[:8]
+    o, t_o, lse, mu = output
+    ctx.save_for_backward(q, k, v, tq, tk, tv, o, t_o, lse, mu)
+    ctx.mark_non_differentiable(mu)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None and its products are skipped
+    ctx.causal, ctx.scale, ctx.options = causal, scale, len(inputs) - 6
 
-    @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
-                tk: torch.Tensor | None, tv: torch.Tensor | None, causal: bool, scale: float,
-                name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return _fused_forward(name, q, k, v, (tq, tk, tv), causal, scale)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        q, k, v, tq, tk, tv, causal, scale, name = inputs
-        o, t_o, lse, mu = output
-        fused = mu is not None
-        ctx.save_for_backward(q, k, v, tq, tk, tv, *((o, t_o, lse, mu) if fused else ()))
-        if fused:
-            ctx.mark_non_differentiable(mu)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None and its products are skipped
-        ctx.causal, ctx.scale, ctx.fused, ctx.name = causal, scale, fused, name
-
-    @staticmethod
-    def backward(ctx: Any, g_o: torch.Tensor | None, g_t_o: torch.Tensor | None,
-                 g_lse: torch.Tensor | None, _g_mu: None) -> tuple:
-        grads: list[torch.Tensor | None] = [None] * 9
-        saved = ctx.saved_tensors
-        wanted = [i for i, t in enumerate(saved[:6]) if t is not None and ctx.needs_input_grad[i]]
-        if not wanted or (g_o is None and g_t_o is None and g_lse is None):
-            return tuple(grads)
-        create_graph = torch.is_grad_enabled()  # double backward: keep the saved inputs' own graph
-        reason = None if create_graph or not ctx.fused else _backward_unsupported(ctx.name, saved[0])
-        if reason is not None:
-            warn_once("jvp_attention_bwd", f"fused backward of backend {ctx.name!r} skipped: {reason}")
-        if ctx.fused and not create_graph and reason is None:
-            found = _fused_backward(ctx.name, saved, (g_o, g_t_o, g_lse), ctx.causal, ctx.scale)
-            for i in wanted:
-                grads[i] = found[i]
-            return tuple(grads)
-        with torch.enable_grad(), no_autocast(saved[0].device):
-            leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
-                      for i, t in enumerate(saved[:6])]
-            outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
-        # t_o without any tangent is a constant zero (no graph): it contributes nothing.
-        pairs = [(out, g) for out, g in zip(outs, (g_o, g_t_o, g_lse), strict=True)
-                 if g is not None and out.requires_grad]
-        if wanted and pairs:
-            outs, gs = zip(*pairs, strict=True)
-            found = torch.autograd.grad(outs, [leaves[i] for i in wanted], gs, allow_unused=True,
-                                        create_graph=create_graph)
-            for i, g in zip(wanted, found, strict=True):
-                grads[i] = g
+def _fwd_backward(ctx: Any, g_o: Opt, g_t_o: Opt, g_lse: Opt, _g_mu: None, *, name: str) -> tuple:
+    """Gradients of (o, t_o, lse) for (q, k, v, tq, tk, tv): the fused backward kernel op of backend ``name``,
+    or the explicit formula for double backward and a Triton head dim without a backward configuration."""
+    grads: list[torch.Tensor | None] = [None] * (6 + ctx.options)
+    saved = ctx.saved_tensors
+    wanted = [i for i, t in enumerate(saved[:6]) if t is not None and ctx.needs_input_grad[i]]
+    if not wanted or (g_o is None and g_t_o is None and g_lse is None):
         return tuple(grads)
+    create_graph = torch.is_grad_enabled()  # double backward: keep the saved inputs' own graph
+    reason = None if create_graph else _backward_unsupported(name, saved[0])
+    if reason is not None:
+        warn_once("jvp_attention_bwd", f"fused backward of backend {name!r} skipped: {reason}")
+    if not create_graph and reason is None:
+        g_o, g_t_o = _unit_last(g_o), _unit_last(g_t_o)
+        g_lse = None if g_lse is None else g_lse.float().contiguous()
+        extra = _CPU_TILES if name == "cpu" else ()
+        found = iter(_BWD_OPS[name](*saved, g_o, g_t_o, g_lse, ctx.causal, ctx.scale, *extra))
+        present = [next(found) if t is not None else None for t in saved[:6]]
+        for i in wanted:
+            grads[i] = present[i]
+        return tuple(grads)
+    with torch.enable_grad(), no_autocast(saved[0].device):
+        leaves = [t if t is None or create_graph else t.detach().requires_grad_(i in wanted)
+                  for i, t in enumerate(saved[:6])]
+        outs = jvp_attention_reference(*leaves, causal=ctx.causal, scale=ctx.scale)
+    # t_o without any tangent is a constant zero (no graph): it contributes nothing.
+    pairs = [(out, g) for out, g in zip(outs, (g_o, g_t_o, g_lse), strict=True)
+             if g is not None and out.requires_grad]
+    if pairs:
+        outs, gs = zip(*pairs, strict=True)
+        found = torch.autograd.grad(outs, [leaves[i] for i in wanted], gs, allow_unused=True,
+                                    create_graph=create_graph)
+        for i, g in zip(wanted, found, strict=True):
+            grads[i] = g
+    return tuple(grads)
+
+
+#: backend -> its forward kernel op, and backend -> its backward kernel op (None: the extension is not loaded).
+_FWD_OPS = {name: _ext.kernel_op(op, fake=_fwd_fake, backward=functools.partial(_fwd_backward, name=name),
+                                 setup_context=_fwd_setup_context, impl=impl)
+            for name, op, impl in (("cpu", "jvp_attention_fwd", None),
+                                   ("triton", "jvp_attention_fwd_triton", _fwd_triton))}
+_BWD_OPS = {name: _ext.kernel_op(op, fake=_bwd_fake, impl=impl)
+            for name, op, impl in (("cpu", "jvp_attention_bwd", None),
+                                   ("triton", "jvp_attention_bwd_triton", _bwd_triton))}
+
+
+def _fused_forward(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tangents: Tangents,
+                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, t_o, lse) of backend ``name``: o, t_o like q (contiguous on the kernels), lse (B, H, Nq) float32; every
+    output differentiable in every input (q, k, v and the tangents carry no forward-AD tangent here)."""
+    if name == "reference":
+        with no_autocast(q.device):
+            o, t_o, lse = jvp_attention_reference(q, k, v, *tangents, causal=causal, scale=scale)
+        return o, t_o, lse.float()
+    extra = (*_CPU_TILES, _CPU_BF16_GEMM) if name == "cpu" else ()
+    o, t_o, lse, _ = _FWD_OPS[name](*(_unit_last(t) for t in (q, k, v, *tangents)), causal, scale, *extra)
+    return o, t_o, lse
 
 
 def _scale(scale: float | None, dim: int) -> float:
@@ -221,8 +238,9 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     """
     q, k, v, tq, tk, tv = autocast_inputs(q, k, v, tq, tk, tv)
     _validate(q, k, v, tq, tk, tv)
-    name = _select(backend, q)
-    o, t_o, lse, _ = _JvpAttentionFn.apply(q, k, v, tq, tk, tv, bool(causal), _scale(scale, q.shape[-1]), name)
+    # Nested forward AD through the explicit API: the plain formula carries it (a kernel op would zero it).
+    name = "reference" if carries_tangent(q, k, v, tq, tk, tv) else _select(backend, q)
+    o, t_o, lse = _fused_forward(name, q, k, v, (tq, tk, tv), bool(causal), _scale(scale, q.shape[-1]))
     return (o, t_o, lse) if return_lse else (o, t_o)
 
 
@@ -276,8 +294,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     q4, k4, v4, tq4, tk4, tv4 = (_as_4d(t) for t in (qp, kp, vp, tq, tk, tv))
     _validate(q4, k4, v4, tq4, tk4, tv4)
     name = _select(backend, q4)
-    o, t_o, _, _ = _JvpAttentionFn.apply(q4, k4, v4, tq4, tk4, tv4, bool(is_causal), _scale(scale, qp.shape[-1]),
-                                         name)
+    o, t_o, _ = _fused_forward(name, q4, k4, v4, (tq4, tk4, tv4), bool(is_causal), _scale(scale, qp.shape[-1]))
     return fwAD.make_dual(o.view(qp.shape), t_o.view(qp.shape))
 
 

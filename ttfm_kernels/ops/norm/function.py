@@ -5,9 +5,12 @@
 tangents off its dual inputs and attaches ty to y. Backends: "reference" (``reference.py``), "cpu"
 (``csrc/cpu/vec/norm.cpp``) and "triton" (``triton.py``; GPU, or CPU under ``TRITON_INTERPRET=1``).
 
-With tangents, ONE kernel call produces y and ty; both are differentiable, and the backward recomputes
-from the explicit reference formula (docs/design.md, "The forward-AD pattern"). Without tangents the
-op is torch's own norm + modulation + SiLU when a graph is needed, else the kernel without its tangent.
+Kernel ops (private, functional; docs/design.md, "How to add an op"): ``ttfm::norm_modulate_jvp`` (C++) and
+``ttfm::norm_modulate_jvp_triton`` (defined here), one signature, one fake kernel and one autograd registered on
+both: ``(x, tx?, weight, bias, scale, shift, tscale, tshift, num_groups, eps, silu, with_ty) -> [y] or [y, ty]``.
+With tangents, ONE kernel call produces y and ty; both are differentiable, and the backward recomputes from the
+explicit reference formula. Without tangents the op is torch's own norm + modulation + SiLU when a graph is
+needed, else the kernel without its tangent.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ttfm_kernels import _alloc, _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like
-from ttfm_kernels._dispatch import OpBackends, always, ext_kernel, triton_kernel
+from ttfm_kernels._dispatch import OpBackends, always, carries_tangent, ext_kernel, triton_kernel
 from ttfm_kernels._precision import cast, no_autocast
 from ttfm_kernels.ops.norm.reference import norm_modulate_eager, norm_modulate_jvp_reference
 
@@ -33,12 +36,6 @@ _BACKENDS = OpBackends("jvp_norm_modulate_silu", {
 }, gpu_order=("triton",))
 _ACTIVATIONS = ("silu", None)
 Opt = torch.Tensor | None
-
-
-if _ext.has_op("norm_modulate_jvp"):
-    # The kernel writes only into its out arguments (y, ty): its fake (meta) kernel does nothing. Registered only
-    # when the extension declared the op (registering a fake of a missing op raises).
-    torch.library.register_fake("ttfm::norm_modulate_jvp", lambda *args, **kwargs: None)
 
 
 def _check_sized(name: str, t: torch.Tensor, shape: tuple[int, ...], layout: str, x: torch.Tensor) -> None:
@@ -85,10 +82,65 @@ def _validate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tsh
                                  "parameters is not supported (docs/math.md section 6)")
 
 
+def _kernel_fake(x: torch.Tensor, tx: Opt, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+                 shift: torch.Tensor, tscale: torch.Tensor, tshift: torch.Tensor, num_groups: int, eps: float,
+                 silu: bool, with_ty: bool) -> list[torch.Tensor]:
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return [y, torch.empty_like(y)] if with_ty else [y]
+
+
+def _kernel_triton(x: torch.Tensor, tx: Opt, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor, tscale: torch.Tensor, tshift: torch.Tensor, num_groups: int, eps: float,
+                   silu: bool, with_ty: bool) -> list[torch.Tensor]:
+    """The Triton kernel op's implementation (GPU, or CPU under ``TRITON_INTERPRET=1``)."""
+    from ttfm_kernels.ops.norm.triton import norm_modulate_jvp_triton
+
+    out = [_alloc.empty_like(x) for _ in range(1 + with_ty)]
+    norm_modulate_jvp_triton(x, tx, weight, bias, scale, shift, tscale, tshift, num_groups, eps, silu, out[0],
+                             out[1] if with_ty else None)
+    return out
+
+
+def _kernel_setup_context(ctx, inputs: tuple, output: list) -> None:
+    ctx.save_for_backward(*inputs[:8])
+    ctx.options = inputs[8:11]
+
+
+def _kernel_backward(ctx, grads: list[torch.Tensor]) -> tuple:
+    """Gradients of (y, ty) by differentiating the reference formula (exact to any order)."""
+    saved = ctx.saved_tensors
+    num_groups, eps, silu = ctx.options
+    wanted = ctx.needs_input_grad[:8]
+    # On entry to backward, grad mode is on exactly when the caller asked for create_graph=True; a graph of
+    # the gradients is only worth building when something in it requires grad.
+    create_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*saved, *grads))
+    with torch.enable_grad():
+        if create_graph:
+            # Differentiate the reference formula through the saved inputs themselves: the gradients then
+            # carry their dependence on every input and on the incoming gradients, so a double backward is exact.
+            inputs = list(saved)
+        else:
+            inputs = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip(saved, wanted, strict=True)]
+        x, tx, weight, bias, scale, shift, tscale, tshift = inputs
+        outs = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups or None,
+                                           weight=weight, bias=bias, eps=eps, activation="silu" if silu else None)
+        leaves = [t for t, need in zip(inputs, wanted, strict=True) if need]
+        found = iter(torch.autograd.grad(outs[:len(grads)], leaves, grads, allow_unused=True,
+                                         create_graph=create_graph) if leaves else ())
+    return (*(next(found) if need else None for need in wanted), None, None, None, None)
+
+
+_KERNELS = {name: _ext.kernel_op(op, fake=_kernel_fake, backward=_kernel_backward,
+                                 setup_context=_kernel_setup_context, impl=impl)
+            for name, op, impl in (("cpu", "norm_modulate_jvp", None),
+                                   ("triton", "norm_modulate_jvp_triton", _kernel_triton))}
+
+
 def _run_kernel(name: str, x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
                 num_groups: int | None, weight: Opt, bias: Opt, eps: float, silu: bool,
-                want_ty: bool) -> tuple[torch.Tensor, Opt]:
-    """Launch the "cpu" or "triton" kernel: y (and ty when ``want_ty``) in x's dtype, x's layout."""
+                with_ty: bool) -> tuple[torch.Tensor, Opt]:
+    """The kernel op of backend "cpu" or "triton": y (and ty when ``with_ty``) in x's dtype, contiguous."""
     acc = torch.promote_types(x.dtype, torch.float32)
     batch = x.shape[0]
     channels = x.shape[2] if num_groups is None else x.shape[1]
@@ -96,64 +148,14 @@ def _run_kernel(name: str, x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tsc
     def param(t: Opt, shape: tuple[int, ...], fill: float) -> torch.Tensor:
         if t is None:
             return torch.full(shape, fill, dtype=acc, device=x.device)
-        return t.detach().to(acc).contiguous()
+        return t.to(acc).contiguous()
 
-    w, b = param(weight, (channels,), 1.0), param(bias, (channels,), 0.0)
-    s, sh = param(scale, (batch, channels), 0.0), param(shift, (batch, channels), 0.0)
-    ts, tsh = param(tscale, (batch, channels), 0.0), param(tshift, (batch, channels), 0.0)
-    xc = x.detach().contiguous()
-    txc = None if tx is None else tx.detach().contiguous()
-    y = _alloc.empty_like(xc)
-    ty = _alloc.empty_like(xc) if want_ty else None
-    groups = 0 if num_groups is None else num_groups
-    if name == "cpu":
-        torch.ops.ttfm.norm_modulate_jvp(xc, txc, w, b, s, sh, ts, tsh, groups, float(eps), silu, y, ty)
-    else:
-        from ttfm_kernels.ops.norm.triton import norm_modulate_jvp_triton
-
-        norm_modulate_jvp_triton(xc, txc, w, b, s, sh, ts, tsh, groups, float(eps), silu, y, ty)
-    return y, ty
-
-
-class _NormModulateJvpFn(torch.autograd.Function):
-    """(y, ty) from one kernel launch; backward recomputes both from the reference formula."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt, weight: Opt, bias: Opt,
-                num_groups: int | None, eps: float, activation: str | None,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _run_kernel(backend, x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps,
-                           activation == "silu", want_ty=True)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[:8])
-        ctx.options = inputs[8:11]
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor, gty: torch.Tensor):
-        saved = ctx.saved_tensors
-        num_groups, eps, activation = ctx.options
-        wanted = ctx.needs_input_grad[:8]
-        # On entry to backward, grad mode is on exactly when the caller asked for create_graph=True; a graph of
-        # the gradients is only worth building when something in it requires grad.
-        create_graph = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (*saved, gy, gty))
-        with torch.enable_grad():
-            if create_graph:
-                # Differentiate the reference formula through the saved inputs themselves: the gradients then
-                # carry their dependence on every input and on (gy, gty), so a double backward is exact.
-                inputs = list(saved)
-            else:
-                inputs = [None if t is None else t.detach().requires_grad_(need)
-                          for t, need in zip(saved, wanted, strict=True)]
-            x, tx, scale, shift, tscale, tshift, weight, bias = inputs
-            y, ty = norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
-                                                weight=weight, bias=bias, eps=eps, activation=activation)
-            leaves = [t for t, need in zip(inputs, wanted, strict=True) if need]
-            grads = iter(torch.autograd.grad((y, ty), leaves, (gy, gty), allow_unused=True,
-                                             create_graph=create_graph) if leaves else ())
-        return (*(next(grads) if need else None for need in wanted), None, None, None, None)
+    out = _KERNELS[name](x.contiguous(), None if tx is None else tx.contiguous(), param(weight, (channels,), 1.0),
+                         param(bias, (channels,), 0.0), param(scale, (batch, channels), 0.0),
+                         param(shift, (batch, channels), 0.0), param(tscale, (batch, channels), 0.0),
+                         param(tshift, (batch, channels), 0.0), 0 if num_groups is None else num_groups, float(eps),
+                         silu, with_ty)
+    return out[0], out[1] if with_ty else None
 
 
 def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt, tshift: Opt,
@@ -167,18 +169,14 @@ def _norm_modulate(x: torch.Tensor, tx: Opt, scale: Opt, shift: Opt, tscale: Opt
             return norm_modulate_jvp_reference(x, tx, scale, shift, tscale, tshift, num_groups=num_groups,
                                                weight=weight, bias=bias, eps=eps, activation=activation)
     if has_tangent:
-        return _NormModulateJvpFn.apply(x, tx, scale, shift, tscale, tshift, weight, bias, num_groups, eps,
-                                        activation, name)
+        return _run_kernel(name, x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps,
+                           activation == "silu", with_ty=True)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, shift, weight, bias)):
         with no_autocast(x.device):
             return norm_modulate_eager(x, scale, shift, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
                                        activation=activation), None
     return _run_kernel(name, x, None, scale, shift, None, None, num_groups, weight, bias, eps,
-                       activation == "silu", want_ty=False)
-
-
-def _has_dual(*tensors: Opt) -> bool:
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+                       activation == "silu", with_ty=False)
 
 
 def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, shift: Opt = None,
@@ -204,7 +202,7 @@ def jvp_norm_modulate_silu(x: torch.Tensor, tx: Opt = None, scale: Opt = None, s
     """
     tx = cast(tx, x.dtype) if isinstance(x, torch.Tensor) else tx
     _validate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, activation)
-    if _has_dual(x, tx, scale, shift, tscale, tshift):
+    if carries_tangent(x, tx, scale, shift, tscale, tshift):
         backend = "reference"  # nested forward AD through the explicit API: the plain formula carries it
     return _norm_modulate(x, tx, scale, shift, tscale, tshift, num_groups, weight, bias, eps, activation, backend)
 

@@ -1,17 +1,27 @@
-"""Public entry points of the residual ops: validation, backend dispatch, autograd.
+"""Public entry points of the residual ops: validation, backend dispatch, forward AD (docs/design.md, "How to add
+an op").
 
 ``flow_map_step`` builds X_{s,t}(x) = x + (t - s) u; ``itvm_residual_loss`` is the ITVM loss from its
 residuals (docs/math.md section 2). Backends: "reference" (``reference.py``), "cpu" (``csrc/cpu/residual.cpp``) and
 "cuda" (``csrc/cuda/ttfm_cuda.cu``; compiled, not run on a GPU), both built on ``csrc/include/ttfm/residual.h``.
 
-The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp) with its
-autograd registered in C++, because a Python autograd wrapper cost more than the kernels at everyday sizes. One
-kernel pass computes the weighted per-sample losses; on CPU, when gradients are needed, the same pass writes them
-for a unit incoming gradient, which backward returns as they are (it recomputes them from the inputs for any
-other gradient, and always on CUDA, where checking the gradient's value would synchronise). It has
-no forward-AD rule and C++ autograd functions do not run under torch.func transforms, so a call carrying
-tangents or made inside torch.func.grad / vmap / jvp runs the reference formula. Non-contiguous inputs are copied
-to contiguous memory first. The same pass returns the two statistics (``return_terms``).
+Kernel ops (private, functional): ``ttfm::flow_map_step(x, u, s, t) -> y``, with its fake kernel and autograd
+registered here; ``ttfm::itvm_residual_loss_fwd(...) -> [losses, terms(, grads)]`` (grads = {grad_u_st, grad_u_ss}
+stacked), fake kernel here, no autograd (only the loss op calls it). ``flow_map_step`` is forward-AD aware by the
+pattern: dual inputs are unpacked, the kernel op computes the primal and, in up to two more calls, the tangent
+(tx + (t - s) tu, then + (tt - ts) u), and the result is made dual again.
+
+The compiled residual loss is the functional op ``ttfm::itvm_residual_loss`` (csrc/cpu/residual.cpp, fake kernel
+here) with its autograd registered in C++: the one documented exception to registering autograd from Python
+(docs/design.md, "How to add an op"; measured in docs/performance.md: the same kernel and fusion with
+``torch.library.register_autograd`` cost 0.1 - 0.27 ms more per forward + backward at B = 64, D = 4096, next to
+0.36 ms). One kernel pass computes the weighted per-sample losses; on CPU, when gradients are needed, the same
+pass writes them for a unit incoming gradient, which backward returns as they are (it recomputes them from the
+inputs for any other gradient, and always on CUDA, where checking the gradient's value would synchronise). A loss
+has no fused tangent kernel (it is a reduction) and C++ autograd functions do not run under torch.func
+transforms, so a call carrying tangents or made inside torch.func.grad / vmap / jvp runs the reference formula,
+which carries them. Non-contiguous inputs are copied to contiguous memory first. The same pass returns the two
+statistics (``return_terms``).
 
 Mixed input dtypes (autocast: a bf16 student against fp32 targets) are accepted: the kernels read one dtype, so
 inputs of other dtypes are converted to the promoted dtype first (exact, one extra pass over those inputs only),
@@ -26,10 +36,11 @@ import functools
 import torch
 from torch.autograd import forward_ad as fwAD
 
-from ttfm_kernels import _alloc, _ext
+from ttfm_kernels import _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_per_sample
 from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
-from ttfm_kernels._per_sample import REDUCTIONS
+from ttfm_kernels._per_sample import REDUCTIONS, per_sample
+from ttfm_kernels._precision import accumulator
 from ttfm_kernels.ops.residual.reference import (
     flow_map_step_reference,
     itvm_residual_loss_reference,
@@ -47,23 +58,17 @@ _RESIDUAL = OpBackends("itvm_residual_loss", {
     "cpu": ext_kernel("itvm_residual_loss_fwd", "CPU", FLOAT_DTYPES),
     "cuda": ext_kernel("itvm_residual_loss_fwd", "CUDA", FLOAT_DTYPES),
 }, gpu_order=("cuda",))
+Opt = torch.Tensor | None
 
 
 def _autodiff_transform(*tensors: torch.Tensor | None) -> bool:
     """True inside a torch.func transform (grad, vmap, jvp, ...) or when a forward-AD tangent rides on one of
-    these tensors: the compiled residual kernels support neither, so such calls run the reference formula."""
+    these tensors: the compiled residual loss supports neither, so such calls run the reference formula."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     if fwAD._current_level < 0:  # no dual_level is open, so no tensor carries a tangent (the common, fast case)
         return False
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
-
-
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    """True when a graph must be kept or a tangent carried through these tensors."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return True
-    return _autodiff_transform(*tensors)
 
 
 def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight, lambda_init,
@@ -73,20 +78,54 @@ def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, coe
             u_st.new_empty((), dtype=coef.dtype))
 
 
-def _register_kernel_fakes() -> None:
-    """Fake (meta) kernels of the C++ ops, so they trace under torch.compile and pass opcheck.
-
-    The kernel ops write only into their ``out`` arguments, so their fakes do nothing. Registered only when the
-    extension declared the ops (registering a fake of a missing op raises).
-    """
-    for op in ("flow_map_step", "itvm_residual_loss_fwd"):
-        if _ext.has_op(op):
-            torch.library.register_fake(f"ttfm::{op}", lambda *args, **kwargs: None)
-    if _ext.has_op("itvm_residual_loss"):
-        torch.library.register_fake("ttfm::itvm_residual_loss", _residual_loss_fake)
+def _residual_kernel_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight, lambda_init,
+                          lambda_term, grad_losses):
+    batch = u_st.shape[0]
+    out = [coef.new_empty((batch,)), coef.new_empty((batch, 2))]
+    return out if grad_losses is None else [*out, u_st.new_empty((2, *u_st.shape))]
 
 
-_register_kernel_fakes()
+def _step_fake(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _step_setup_context(ctx, inputs, output) -> None:
+    _, u, s, t = inputs
+    ctx.save_for_backward(u, s, t)
+
+
+def _step_backward(ctx, grad: torch.Tensor) -> tuple[Opt, Opt, Opt, Opt]:
+    """Gradients of y = x + (t - s) u in plain torch ops (so they are themselves differentiable), formed in the
+    accumulator dtype and returned in each input's dtype."""
+    u, s, t = ctx.saved_tensors
+    need_x, need_u, need_s, need_t = ctx.needs_input_grad
+    g = grad.to(accumulator(u.dtype))
+    grad_u = (per_sample(t - s, g).to(g.dtype) * g).to(u.dtype) if need_u else None
+    rate = (g * u.to(g.dtype)).reshape(g.shape[0], -1).sum(1) if need_s or need_t else None
+    return (grad if need_x else None, grad_u, (-rate).to(s.dtype) if need_s else None,
+            rate.to(t.dtype) if need_t else None)
+
+
+_STEP_OP = _ext.kernel_op("flow_map_step", fake=_step_fake, backward=_step_backward,
+                          setup_context=_step_setup_context)
+_ext.kernel_op("itvm_residual_loss_fwd", fake=_residual_kernel_fake)
+_ext.kernel_op("itvm_residual_loss", fake=_residual_loss_fake)
+
+
+def _kernel_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return _STEP_OP(x.contiguous(), u.contiguous(), s.contiguous(), t.contiguous())
+
+
+def _step_tangent(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor, tx: Opt, tu: Opt, ts: Opt,
+                  tt: Opt) -> Opt:
+    """The tangent tx + (t - s) tu + (tt - ts) u through the kernel op (None when every tangent is)."""
+    ty = None
+    if tx is not None or tu is not None:
+        ty = _kernel_step(torch.zeros_like(x) if tx is None else tx, torch.zeros_like(u) if tu is None else tu, s, t)
+    if ts is not None or tt is not None:
+        rate = (torch.zeros_like(t) if tt is None else tt) - (0 if ts is None else ts)
+        ty = _kernel_step(torch.zeros_like(x) if ty is None else ty, u, torch.zeros_like(rate), rate)
+    return ty
 
 
 def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
@@ -96,10 +135,10 @@ def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Te
     x: (B, ...) floating, the state (its dtype is the data dtype); u: (B, ...) of any floating dtype (a model's
     output, bf16 under autocast), cast to x's dtype at the boundary; s, t: (B,) of any floating dtype (float32
     or wider by the precision policy). t - s and the step are formed in float32 (float64 for float64 x) and
-    rounded once: returns (B, ...) in x's dtype (written into ``out`` if given). Eager equivalent:
+    rounded once: returns (B, ...) in x's dtype (copied into ``out`` if given). Eager equivalent:
     ``(x.float() + (t - s).float().view(-1, *[1] * (x.dim() - 1)) * u.float()).to(x.dtype)``. Differentiable in
-    every input (the compiled kernel runs only when no graph or tangent is needed; otherwise the same formula
-    runs as torch ops).
+    every input, and forward-AD aware: tangents of x, u, s, t (``torch.func.jvp`` / ``forward_ad``) come back on
+    the result, computed by the same kernel op.
     """
     check_float("x", x)
     check_float("u", u)
@@ -112,12 +151,15 @@ def flow_map_step(x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, t: torch.Te
     if out is not None:
         check_like("out", out, "x", x)
     name = _FLOW_MAP_STEP.select(backend, x.device, x.dtype)
-    if name == "reference" or _needs_autograd(x, u, s, t):
-        y = flow_map_step_reference(x, u, s, t)
-        return y if out is None else out.copy_(y)
-    result = out if out is not None else _alloc.empty_like(x)
-    torch.ops.ttfm.flow_map_step(x.contiguous(), u.contiguous(), s.contiguous(), t.contiguous(), result)
-    return result
+    if name == "reference":
+        y = flow_map_step_reference(x, u, s, t)  # plain torch ops: carries forward AD itself
+    else:
+        (xp, tx), (up, tu), (sp, ts), (tp, tt) = (fwAD.unpack_dual(a) for a in (x, u, s, t))
+        y = _kernel_step(xp, up, sp, tp)
+        ty = _step_tangent(xp, up, sp, tp, tx, tu, ts, tt)
+        if ty is not None:
+            y = fwAD.make_dual(y, ty)
+    return y if out is None else out.copy_(y)
 
 
 def _check_residual_tensor(name: str, t: torch.Tensor, u_st: torch.Tensor) -> None:
