@@ -43,6 +43,11 @@ CASES = [
     ("group_norm", lambda x: F.group_norm(x, 3, _GN_W, _GN_B), (2, 6, 5, 3)),
     ("group_norm", lambda x: F.group_norm(x, 2, None, None, eps=1e-2), (3, 6, 7)),
     ("group_norm", lambda x: torch.group_norm(x, 2, _GN_W, None), (2, 6)),
+    ("mul", lambda x: x * 2.5, (2, 3, 4)),
+    ("mul", lambda x: 3 * x, (5,)),  # __rmul__, an int
+    ("mul", lambda x: torch.mul(x, -0.5), (2, 7)),
+    ("div", lambda x: x / 4.0, (3, 2, 5)),
+    ("div", lambda x: x.div(3), (4, 6)),
 ]
 
 
@@ -75,6 +80,30 @@ def test_routed_function_matches_func_jvp_fp64(name, fn, shape, kind):
 
 def _sdpa_inputs(q_shape, kv_shape, dtype=D64):
     return [torch.randn(s, dtype=dtype) for s in (q_shape, kv_shape, kv_shape, q_shape, kv_shape, kv_shape)]
+
+
+def test_scale_routes_only_products_and_quotients_by_a_number():
+    """x * tensor, x / tensor, c / x, a bool factor and div's rounding_mode are not scalings: torch's own rule runs,
+    uncounted; the tangent of each is right, and gradients flow through a routed scaling's tangent."""
+    x, tx, w = torch.randn(3, 4, dtype=D64), torch.randn(3, 4, dtype=D64), torch.randn(4, dtype=D64)
+
+    def others(a):
+        return a * w + a / w + 2.0 / a + a * True + a.div(2.0, rounding_mode="floor")
+
+    ref = torch.func.jvp(others, (x,), (tx,))
+    with fused_jvp(stats=True) as mode:
+        got = torch.func.jvp(others, (x,), (tx,))
+    assert not mode.stats.routed and not mode.stats.passed
+    assert_close_to_ref(got[1], ref[1], name="tangent of the unrouted products")
+    grads = []
+    for routed in (False, True):
+        xr = x.clone().requires_grad_()
+        with fused_jvp(stats=True) if routed else torch.enable_grad() as mode:
+            _, ty = torch.func.jvp(lambda a: (a * 1.5).sin() / 3.0, (xr,), (tx,))
+        grads.append(torch.autograd.grad(ty.square().sum(), xr)[0])
+    assert dict(mode.stats.routed) == {"mul": 1, "div": 1}
+    assert_nontrivial(grads[1], "grad through the scaled tangent")
+    assert_close_to_ref(grads[1], grads[0], name="grad through the scaled tangent")
 
 
 SDPA_CASES = [

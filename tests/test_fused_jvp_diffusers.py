@@ -96,11 +96,17 @@ def test_tangent_matches_double_backward_jvp_and_every_layer_is_routed(kind):
     with fused_jvp(stats=True) as mode:
         got = torch.func.jvp(model, primals, tangents)
     calls = {name: n for (name, _), n in plain.stats.passed.items()}
-    expected = {"unet": {"linear", "conv2d", "group_norm", "sdpa"},
-                "cond": {"linear", "conv2d", "group_norm", "layer_norm", "sdpa"},
-                "dit": {"linear", "conv2d", "layer_norm", "sdpa"}}[kind]
+    expected = {"unet": {"linear", "conv2d", "group_norm", "sdpa", "mul", "div"},
+                "cond": {"linear", "conv2d", "group_norm", "layer_norm", "sdpa", "mul", "div"},
+                "dit": {"linear", "conv2d", "layer_norm", "sdpa", "mul", "div"}}[kind]
     assert set(calls) == expected
-    assert dict(mode.stats.routed) == calls and not mode.stats.passed  # every call with a tangent, routed
+    routed, passed = mode.stats.routed, mode.stats.passed
+    layers = {name: n for name, n in calls.items() if name not in ("mul", "div")}
+    assert {name: routed[name] for name in layers} == layers  # every layer call (all carry a tangent), routed
+    # scalings: the time embedding's constant frequencies carry none; every other one is routed
+    assert {name for name, _ in passed} <= {"mul", "div"} and {r for _, r in passed} <= {"no tangent"}
+    for name in expected - set(layers):
+        assert routed[name] >= 1 and routed[name] + passed[(name, "no tangent")] == calls[name], name
     assert_nontrivial(got[1])
     assert_close_to_ref(got[0], ref[0], name=f"{kind} output")
     assert_close_to_ref(got[1], ref[1], name=f"{kind} tangent", scale=10.0)  # fp64, deep: summation order

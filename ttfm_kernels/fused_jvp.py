@@ -8,7 +8,10 @@ Inside ``with fused_jvp():`` a call of a routed torch function whose input carri
 - ``F.layer_norm`` / ``torch.layer_norm``, ``F.group_norm`` / ``torch.group_norm``: the fused norm JVP op
   (``jvp_norm_modulate_silu`` without modulation or activation), whose backward recomputes the explicit formula:
   gradients through the tangent are right, unlike torch 2.13's own ``F.layer_norm`` rule (docs/support.md);
-- ``F.scaled_dot_product_attention``: ``ttfm_kernels.attention`` (the fused attention JVP).
+- ``F.scaled_dot_product_attention``: ``ttfm_kernels.attention`` (the fused attention JVP);
+- ``x * c``, ``c * x``, ``x / c`` (``torch.mul`` / ``torch.div`` and the Tensor methods) with a Python number c:
+  the op on the primal and on the tangent (torch's own rule costs about 6x the op; diffusers divides every ResNet
+  and attention output by a scale factor). Products and quotients of two tensors are not routed (not counted).
 
 Everything else, and every routed call with no tangent, a tangent on a weight or bias (a JVP with respect to
 parameters), a tensor-subclass argument (DTensor, quantized weights) or an active ``vmap`` (the library's
@@ -39,7 +42,7 @@ from ttfm_kernels.ops.norm import group_norm_jvp, layer_norm_jvp
 __all__ = ["OPS", "FusedJvp", "RoutingStats", "active_fused_jvp", "fused_jvp"]
 
 #: The op families ``fused_jvp(ops=...)`` can route.
-OPS = ("linear", "conv", "norm", "sdpa")
+OPS = ("linear", "conv", "norm", "sdpa", "scale")
 
 Tensor = torch.Tensor
 
@@ -76,6 +79,7 @@ class _Route:
     inputs: tuple[str, ...]  # the arguments whose tangents the fused form takes
     weights: tuple[str, ...]  # parameters: a tangent on any of them falls through
     fused: Callable[..., Tensor]
+    applies: Callable[[Mapping[str, Any]], bool] | None = None  # False: not this route's call (tensor * tensor)
 
     def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         bound = dict(zip(self.params, args, strict=False))
@@ -88,6 +92,17 @@ def _input_linear(func: Callable[..., Tensor], b: Mapping[str, Any], backend: st
     weight = b["weight"]
     rest = {k: b[k] for k in ("stride", "padding", "dilation", "groups") if k in b}  # conv only
     return fwAD.make_dual(*linear_tangent(lambda z, bias: func(z, weight, bias, **rest), x, tx, b.get("bias")))
+
+
+def _scale(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
+    """x * c, c * x, x / c with a Python number c: the same op on the primal and on the tangent."""
+    return fwAD.make_dual(func(x, b["other"]), func(tx, b["other"]))
+
+
+def _by_number(b: Mapping[str, Any]) -> bool:
+    other = b.get("other")
+    return (isinstance(other, (int, float)) and not isinstance(other, bool) and isinstance(b.get("input"), Tensor)
+            and b.keys() <= {"input", "other"})  # div's rounding_mode (not linear) and out= take torch's rule
 
 
 def _layer_norm(func: Callable[..., Tensor], b: Mapping[str, Any], backend: str, x: Tensor, tx: Tensor) -> Tensor:
@@ -126,6 +141,10 @@ _ROUTES: dict[Callable[..., Tensor], _Route] = {
     torch.group_norm: _Route("group_norm", "norm", (*_GN, "cudnn_enabled"), ("input",), ("weight", "bias"),
                              _group_norm),
     F.scaled_dot_product_attention: _Route("sdpa", "sdpa", _SDPA, ("query", "key", "value"), (), _sdpa),
+    **{func: _Route(name, "scale", ("input", "other"), ("input",), (), _scale, _by_number)
+       for name, funcs in (("mul", (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)),
+                           ("div", (torch.div, Tensor.div, Tensor.__truediv__)))
+       for func in funcs},
 }
 _LAYER_NORM_ADVICE = ("F.layer_norm ran torch's own forward-AD rule ({reason}) with a graph kept: gradients "
                       "through its tangent are wrong in torch 2.13 (pytorch issue 196700; docs/support.md). "
@@ -175,6 +194,8 @@ class FusedJvp(TorchFunctionMode):
         if route is None:
             return func(*args, **kwargs)
         bound = route.bind(args, kwargs)
+        if route.applies is not None and not route.applies(bound):
+            return func(*args, **kwargs)
         reason, unpacked = self._fall_through(route, types, bound)
         if self.stats is not None:
             self.stats.count(route.name, reason)
@@ -218,7 +239,8 @@ def fused_jvp(ops: Sequence[str] = OPS, *, backend: str = "auto", stats: bool = 
     """Context manager: route forward-AD tangents of standard torch layers to the library's fused kernels.
 
     ``ops``: any of "linear" (F.linear), "conv" (F.conv1d/2d/3d), "norm" (F.layer_norm / torch.layer_norm,
-    F.group_norm / torch.group_norm), "sdpa" (F.scaled_dot_product_attention, full signature). ``backend``: the
+    F.group_norm / torch.group_norm), "sdpa" (F.scaled_dot_product_attention, full signature), "scale" (x * c,
+    c * x, x / c with a Python number c; other products are not looked at). ``backend``: the
     fused ops' backend ("auto", "reference", "cpu", "cuda", "triton"). ``stats=True``: the mode's ``stats``
     (``RoutingStats``) counts routed and passed-through calls. ``with fused_jvp() as mode:`` yields the mode.
     Results equal ``torch.func.jvp`` over the same model without the mode (values and gradients through the
