@@ -114,6 +114,8 @@ def carries_tangent(*tensors: torch.Tensor | None) -> bool:
     An op's explicit-tangent API sends such calls to its reference: a kernel op has no forward-AD rule and would
     return a zero tangent silently (docs/design.md, "The forward-AD pattern").
     """
+    if fwAD._current_level < 0:  # no dual level open, so no tensor carries a tangent (the common, fast case)
+        return False
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 

@@ -16,11 +16,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from ttfm_kernels._dispatch import carries_tangent
+
 __all__ = ["Conv2d", "Linear", "linear_tangent"]
-
-
-def _has_tangent(*tensors: torch.Tensor | None) -> bool:
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def linear_tangent(op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], x: torch.Tensor,
@@ -43,7 +41,7 @@ class _LinearInInput:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp, tx = fwAD.unpack_dual(x)
-        if tx is None or _has_tangent(self.weight, self.bias):
+        if tx is None or carries_tangent(self.weight, self.bias):
             return super().forward(x)
         return fwAD.make_dual(*self.forward_jvp(xp, tx))
 

@@ -38,7 +38,7 @@ from torch.autograd import forward_ad as fwAD
 
 from ttfm_kernels import _ext
 from ttfm_kernels._checks import FLOAT_DTYPES, check_float, check_like, check_per_sample
-from ttfm_kernels._dispatch import OpBackends, always, ext_kernel
+from ttfm_kernels._dispatch import OpBackends, always, carries_tangent, ext_kernel
 from ttfm_kernels._per_sample import REDUCTIONS, per_sample
 from ttfm_kernels._precision import accumulator
 from ttfm_kernels.ops.residual.reference import (
@@ -64,11 +64,7 @@ Opt = torch.Tensor | None
 def _autodiff_transform(*tensors: torch.Tensor | None) -> bool:
     """True inside a torch.func transform (grad, vmap, jvp, ...) or when a forward-AD tangent rides on one of
     these tensors: the compiled residual loss supports neither, so such calls run the reference formula."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if fwAD._current_level < 0:  # no dual_level is open, so no tensor carries a tangent (the common, fast case)
-        return False
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return torch._C._functorch.peek_interpreter_stack() is not None or carries_tangent(*tensors)
 
 
 def _residual_loss_fake(u_st, u_ss, v_s, target_a, target_b, coef, target_c, coef_c, weight, lambda_init,
