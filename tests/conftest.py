@@ -8,7 +8,8 @@ CUDA is unavailable (``tests/gpu/``).
 """
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch  # importing torch defines no @triton.jit kernel, so the decision below may ask it about CUDA
 
@@ -53,3 +54,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any, str], list[int]]:
+    """``spy(owner, name)``: replace ``owner.name`` for the test by a wrapper that records each call (a list
+    that grows by one per call) and passes it through, so a test can assert which path ran."""
+
+    def install(owner: Any, name: str) -> list[int]:
+        calls: list[int] = []
+        real = getattr(owner, name)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+        return calls
+
+    return install

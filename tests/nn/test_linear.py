@@ -30,17 +30,9 @@ def _pair(ours, theirs, args, kwargs):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def fused_calls(spy) -> list[int]:
     """Counts the fused tangent calls (so a test fails if the tangent silently took torch's own rule)."""
-    calls: list[int] = []
-    real = linear_mod.linear_tangent
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(linear_mod, "linear_tangent", spy)
-    return calls
+    return spy(linear_mod, "linear_tangent")
 
 
 @pytest.mark.parametrize(("ours", "theirs", "args", "kwargs", "shape"), CASES)

@@ -201,15 +201,14 @@ class _DiTBlock(torch.nn.Module):
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
-def test_patch_sdpa_is_the_deprecated_sdpa_mode(monkeypatch):
+def test_patch_sdpa_is_the_deprecated_sdpa_mode(spy):
     block = _DiTBlock().double()
     x, tx = torch.randn(2, 2, 13, 32, dtype=torch.float64)
     with sdpa_kernel(SDPBackend.MATH):
         ref = torch.func.jvp(block, (x,), (tx,))
-    calls = []
     import ttfm_kernels.ops.attention.function as fn
 
-    monkeypatch.setattr(fn, "jvp_attention_reference", _counting(fn.jvp_attention_reference, calls))
+    calls = spy(fn, "jvp_attention_reference")
     original = F.scaled_dot_product_attention
     with pytest.warns(DeprecationWarning, match="fused_jvp"), patch_sdpa() as mode:
         assert F.scaled_dot_product_attention is original  # no process-wide reassignment any more
@@ -220,13 +219,6 @@ def test_patch_sdpa_is_the_deprecated_sdpa_mode(monkeypatch):
     assert_nontrivial(ty)
     assert_close_to_ref(y, ref[0], name="block output")
     assert_close_to_ref(ty, ref[1], name="block tangent")
-
-
-def _counting(fn, calls):
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-    return wrapped
 
 
 @pytest.mark.parametrize("change,error,match", [

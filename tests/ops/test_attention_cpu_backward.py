@@ -30,20 +30,12 @@ OUTPUT_SUBSETS = [(1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 1, 1), (0, 0, 1)]
 
 
 @pytest.fixture
-def reference_calls(monkeypatch):
+def reference_calls(spy):
     """A list that records every call of the reference formula by the autograd function (forward or backward).
 
     The fused cpu path must leave it empty; the reference backend (the oracle) fills it.
     """
-    calls: list[int] = []
-    real = function.jvp_attention_reference
-
-    def recorded(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(function, "jvp_attention_reference", recorded)
-    return calls
+    return spy(function, "jvp_attention_reference")
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +127,17 @@ def reference_parts(inputs, w, causal):
     return parts
 
 
+def check_subset(fn, inputs, w_all, parts, reads, reference_calls):
+    """``fn``'s float32 gradients from the outputs in ``reads`` (a fused backward: the reference formula is not
+    called) against the sum of those outputs' float64 ``reference_parts``."""
+    w = [wi if r else None for wi, r in zip(w_all, reads, strict=True)]
+    got = grads(fn, inputs, w, torch.float32)
+    assert not reference_calls  # the fused backward ran, not the fallback
+    ref = [None if x is None else sum(p[i] for p, r in zip(parts, reads, strict=True) if r)
+           for i, x in enumerate(inputs)]
+    compare(got, ref, inputs, w, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_every_subset_matches_the_reference_backward(causal, reference_calls, monkeypatch):
     """Every subset of present tangents x of output gradients (o, t_o, lse); 20 x 24 at 7 x 8 tiles: 3 query
@@ -147,12 +150,7 @@ def test_every_subset_matches_the_reference_backward(causal, reference_calls, mo
         assert reference_calls  # the oracle ran the reference formula
         reference_calls.clear()
         for reads in OUTPUT_SUBSETS:
-            w = [wi if r else None for wi, r in zip(w_all, reads, strict=True)]
-            got = grads(fused(causal), inputs, w, torch.float32)
-            assert not reference_calls  # the fused backward ran, not the fallback
-            ref = [None if x is None else sum(p[i] for p, r in zip(parts, reads, strict=True) if r)
-                   for i, x in enumerate(inputs)]
-            compare(got, ref, inputs, w, dtype=torch.float32)
+            check_subset(fused(causal), inputs, w_all, parts, reads, reference_calls)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -19,6 +19,7 @@ from tests.ops.test_attention_cpu_backward import (
     TANGENT_SUBSETS,
     adversarial_inputs,
     check_adversarial,
+    check_subset,
     compare,
     grads,
     make_inputs,
@@ -64,12 +65,7 @@ def test_subsets_match_the_reference_backward(which, reads, causal, reference_ca
     w_all = weights(inputs[0], (1, 1, 1))
     parts = reference_parts(inputs, w_all, causal)
     reference_calls.clear()
-    w = [wi if r else None for wi, r in zip(w_all, reads, strict=True)]
-    got = grads(fused(causal), inputs, w, torch.float32)
-    assert not reference_calls  # the fused backward ran, not the fallback
-    ref = [None if x is None else sum(p[i] for p, r in zip(parts, reads, strict=True) if r)
-           for i, x in enumerate(inputs)]
-    compare(got, ref, inputs, w, dtype=torch.float32)
+    check_subset(fused(causal), inputs, w_all, parts, reads, reference_calls)
 
 
 @pytest.mark.parametrize(("n_q", "n_k", "d", "causal"), [(1, 1, 8, False), (37, 50, 72, True), (50, 20, 16, True)],
